@@ -1,0 +1,1 @@
+"""The TriFuse application: the ``trifuse`` command line and stage runners (kept thin)."""

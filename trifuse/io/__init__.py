@@ -1,0 +1,1 @@
+"""BraTS discovery, NIfTI I/O, label conventions, validation, cache and manifests."""

@@ -1,0 +1,135 @@
+"""NIfTI read/write that keeps affine and header, with clear errors and atomic writes."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class DataError(ValueError):
+    """A problem with an input file. The message names the file and the problem."""
+
+
+@dataclass
+class NiftiVolume:
+    """A decoded volume with its geometry.
+
+    Attributes:
+        data: array in the file's own voxel order (no reorientation), shape ``(X, Y, Z)``.
+        affine: 4×4 voxel → world (RAS+, mm) matrix.
+        header: the original NIfTI header (copied on write so the output grid matches).
+        path: source file.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, in array-axis order."""
+        return tuple(float(z) for z in self.header.get_zooms()[:3])
+
+
+def load_header(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI lazily (header only); raise :class:`DataError` naming the file if unreadable."""
+    path = Path(path)
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # nibabel raises several types for corrupt headers
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+def read_nifti(path: str | os.PathLike, dtype=np.float32) -> NiftiVolume:
+    """Decode a NIfTI file.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        dtype: output dtype; ``None`` keeps the on-disk dtype (used for label maps).
+
+    Raises:
+        DataError: missing, corrupt or truncated file, or a file that is not 3-D.
+    """
+    img = load_header(path)
+    path = Path(path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        pass  # a trailing singleton is harmless
+    elif len(shape) != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {tuple(shape)} ({len(shape)}-D)")
+    try:
+        if dtype is None:
+            data = np.asanyarray(img.dataobj)
+        else:
+            data = np.asarray(img.get_fdata(dtype=np.float32) if np.dtype(dtype).kind == "f" else img.dataobj, dtype=dtype)
+    except Exception as exc:  # EOFError / zlib.error / OSError on truncated gzip
+        raise DataError(f"{path}: corrupt or truncated data ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 4:
+        data = data[..., 0]
+    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling of ``path`` (same folder, so ``os.replace`` is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
+    """Write a volume atomically (temp file + rename), keeping affine and header.
+
+    Args:
+        path: destination ``.nii`` or ``.nii.gz``.
+        data: 3-D array; its dtype is written (the header's datatype is updated to match).
+        affine: 4×4 matrix, normally the input's.
+        header: optional source header; spacing, units and qform/sform codes are kept.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine), header=hdr)
+    img.set_data_dtype(np.asarray(data).dtype)
+    if hdr is not None:
+        # keep the same qform/sform codes as the source so viewers align the output
+        img.set_qform(np.asarray(affine), code=int(hdr["qform_code"]) or 1)
+        img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) or 1)
+        # scaling from the source (e.g. float MRI) must not apply to labels
+        img.header.set_slope_inter(1.0, 0.0)
+    tmp = atomic_path(path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write bytes atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

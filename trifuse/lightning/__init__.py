@@ -1,0 +1,1 @@
+"""Lightning code (DataModules, modules, callbacks): the only place that imports lightning."""

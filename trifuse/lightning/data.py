@@ -1,0 +1,344 @@
+"""LightningDataModules that yield the four-modal BraTS sample dicts of DESIGN.md.
+
+``BratsDataModule`` reads a preprocessed cache (running ``preprocess`` itself when
+needed); ``SyntheticDataModule`` first generates the synthetic cohort. Both yield
+identical samples:
+
+* training: random patches with foreground oversampling (read straight from the
+  ``.npy`` memmaps, so only the patch is touched) and augmentation;
+* validation/test/predict: whole cropped cases (batch size 1).
+
+Extension points: ``sample_transforms`` run per sample in the loader workers (the
+pixel tier's ``SimulateUltrasound``/``SynthesizeCT``, priors and text); with
+``transforms_on_device=True`` those that support batches run on the device in
+``on_after_batch_transfer`` instead.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from trifuse import keys
+from trifuse.io import cache as cache_mod
+from trifuse.io.manifest import read_manifest
+from trifuse.io.preprocess import default_cache_dir, preprocess
+from trifuse.transforms import RandomAugment, SampleTransform, record
+
+log = logging.getLogger(__name__)
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Stack tensors; keep ``case_id`` and ``meta`` as lists (their contents differ per case)."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+def _pad_to(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    pad = []
+    for have, want in zip(reversed(t.shape[-3:]), reversed(size)):
+        extra = max(0, want - have)
+        pad += [extra // 2, extra - extra // 2]
+    return torch.nn.functional.pad(t, pad) if any(pad) else t
+
+
+class PatchDataset(Dataset):
+    """Random training patches from cached cases, with foreground oversampling.
+
+    Args:
+        cache_dir: cache written by ``trifuse preprocess``.
+        case_ids: cases to draw from.
+        patch_size: ``(D, H, W)`` voxels; volumes smaller than a patch are zero-padded.
+        samples_per_epoch: dataset length (each item draws a case uniformly).
+        fg_prob: probability that a patch is centred on a random tumour voxel
+            (nnU-Net uses 1/3; we default to 0.5 for the small regions TC/ET).
+        augment: optional :class:`~trifuse.transforms.RandomAugment`.
+        sample_transforms: further per-sample transforms (pixel tier, priors).
+        seed: base seed; each item's generator is ``seed + epoch-free index + worker seed``.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int] = (128, 128, 128),
+        samples_per_epoch: int = 100,
+        fg_prob: float = 0.5,
+        augment: Optional[SampleTransform] = None,
+        sample_transforms: Sequence[SampleTransform] = (),
+        seed: int = 0,
+    ):
+        if not case_ids:
+            raise ValueError(f"{cache_dir}: no cases to train on")
+        self.cache_dir = Path(cache_dir)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.fg_prob = fg_prob
+        self.augment = augment
+        self.sample_transforms = list(sample_transforms)
+        self.seed = seed
+        self._arrays: dict[str, dict] = {}
+        self._meta: dict[str, dict] = {}
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _open(self, case_id: str):
+        if case_id not in self._arrays:  # opened lazily, once per worker
+            self._arrays[case_id] = cache_mod.open_arrays(self.cache_dir, case_id)
+            self._meta[case_id] = cache_mod.read_meta(self.cache_dir, case_id)
+        return self._arrays[case_id], self._meta[case_id]
+
+    def _generator(self, index: int) -> torch.Generator:
+        # torch.initial_seed() differs per worker and per epoch (DataLoader reseeds
+        # workers from the global RNG, which seed_everything fixes); the draw counter
+        # makes successive items in one worker differ.
+        info = get_worker_info()
+        base = info.seed if info is not None else torch.initial_seed()
+        self._draws += 1
+        return torch.Generator().manual_seed((base + 7919 * index + 104729 * self._draws + self.seed) % (2**63))
+
+    def sample_box(self, shape, fg: np.ndarray, gen: torch.Generator) -> tuple[list[list[int]], bool]:
+        """Patch box inside ``shape``: centred on a foreground voxel with ``fg_prob``, else uniform."""
+        use_fg = len(fg) > 0 and float(torch.rand((), generator=gen)) < self.fg_prob
+        if use_fg:
+            centre = fg[int(torch.randint(len(fg), (1,), generator=gen))].astype(int)
+        else:
+            centre = [int(torch.randint(max(s, 1), (1,), generator=gen)) for s in shape]
+        box = []
+        for c, s, p in zip(centre, shape, self.patch_size):
+            if s <= p:
+                box.append([0, s])
+            else:
+                start = int(np.clip(c - p // 2, 0, s - p))
+                box.append([start, start + p])
+        return box, use_fg
+
+    def __getitem__(self, index: int) -> dict:
+        gen = self._generator(index)
+        case_id = self.case_ids[int(torch.randint(len(self.case_ids), (1,), generator=gen))]
+        arrays, meta = self._open(case_id)
+        shape = arrays["seg"].shape
+        box, used_fg = self.sample_box(shape, arrays["fg"], gen)
+        sample = cache_mod.make_sample(arrays, meta, box)
+        for k in (keys.MRI, keys.LABEL, keys.SEG, keys.BRAIN):
+            sample[k] = _pad_to(sample[k], self.patch_size)
+        record(sample, "RandomPatch", box=box, foreground=used_fg)
+        if self.augment is not None:
+            sample = self.augment(sample, gen)
+        for t in self.sample_transforms:
+            sample = t(sample, gen)
+        return sample
+
+
+class CaseDataset(Dataset):
+    """Whole cropped cases (validation, test, predict)."""
+
+    def __init__(self, cache_dir: str | Path, case_ids: Sequence[str], sample_transforms: Sequence[SampleTransform] = (), seed: int = 0):
+        self.cache_dir = Path(cache_dir)
+        self.case_ids = list(case_ids)
+        self.sample_transforms = list(sample_transforms)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = cache_mod.load_sample(self.cache_dir, self.case_ids[index])
+        gen = torch.Generator().manual_seed(self.seed + index)  # fixed per case: stable validation
+        for t in self.sample_transforms:
+            sample = t(sample, gen)
+        return sample
+
+
+class BratsDataModule(L.LightningDataModule):
+    """BraTS 2020/2021/2023 (or any folder in their layout) as four-modal sample dicts.
+
+    Args:
+        data_dir: dataset folder (BraTS layout; the release is detected).
+        cache_dir: preprocessed cache; default ``<data_dir>/../cache/<name>``.
+        year: ``"auto"`` or 2020/2021/2023 to enforce.
+        fold: k-fold split index from the manifest (``n_folds`` folds, ``split_seed``).
+        patch_size: training patch ``(D, H, W)`` in voxels.
+        batch_size: training batch size (validation uses 1: whole cases differ in size).
+        num_workers: loader worker processes.
+        samples_per_epoch: training patches per epoch.
+        fg_prob: foreground oversampling probability.
+        augment: apply :class:`~trifuse.transforms.RandomAugment` to training patches.
+        sample_transforms: extra per-sample transforms (e.g. the pixel tier).
+        transforms_on_device: run batch-capable ``sample_transforms`` in
+            ``on_after_batch_transfer`` on the device instead of in workers.
+        skip_invalid: train without the cases preprocessing found invalid (else refuse).
+        limit_val_cases: use at most this many validation cases (quick runs).
+        seed: base seed of patch sampling and augmentation.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/brats2021",
+        cache_dir: Optional[str] = None,
+        year: str | int = "auto",
+        fold: int = 0,
+        n_folds: int = 5,
+        split_seed: int = 0,
+        patch_size: tuple[int, int, int] = (128, 128, 128),
+        batch_size: int = 2,
+        num_workers: int = 2,
+        samples_per_epoch: int = 250,
+        fg_prob: float = 0.5,
+        augment: bool = True,
+        sample_transforms: Optional[list[SampleTransform]] = None,
+        transforms_on_device: bool = False,
+        skip_invalid: bool = False,
+        limit_val_cases: Optional[int] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_dir = data_dir
+        self.cache_dir = cache_dir
+        self.year = year
+        self.fold = fold
+        self.n_folds = n_folds
+        self.split_seed = split_seed
+        self.patch_size = tuple(patch_size)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.samples_per_epoch = samples_per_epoch
+        self.fg_prob = fg_prob
+        self.augment = augment
+        self.sample_transforms = list(sample_transforms or [])
+        self.transforms_on_device = transforms_on_device
+        self.skip_invalid = skip_invalid
+        self.limit_val_cases = limit_val_cases
+        self.seed = seed
+        self.manifest: dict | None = None
+
+    # --- data preparation ------------------------------------------------------------
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir(self.data_dir)
+
+    def prepare_data(self) -> None:
+        """Validate and cache the dataset (resumable: unchanged cases are skipped)."""
+        report = preprocess(self.data_dir, self.resolved_cache_dir, year=self.year, n_folds=self.n_folds, seed=self.split_seed)
+        if report.written:
+            log.info("cached %d case(s) in %s", len(report.written), report.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.manifest = read_manifest(self.resolved_cache_dir)
+        invalid = self.manifest.get("invalid", {})
+        if invalid and not self.skip_invalid:
+            lines = [f"  {cid}: {'; '.join(p)}" for cid, p in sorted(invalid.items())]
+            raise RuntimeError(
+                f"{len(invalid)} invalid case(s) in {self.data_dir}; fix them or pass --data.skip_invalid=true:\n" + "\n".join(lines)
+            )
+        splits = self.manifest["folds"]["splits"]
+        if not splits:
+            self.train_ids, self.val_ids = [], []
+        else:
+            if not 0 <= self.fold < len(splits):
+                raise ValueError(f"fold {self.fold} out of range: the manifest has {len(splits)} folds")
+            self.train_ids = splits[self.fold]["train"]
+            self.val_ids = splits[self.fold]["val"]
+        if self.limit_val_cases:
+            self.val_ids = self.val_ids[: self.limit_val_cases]
+        self.all_ids = [c["case_id"] for c in self.manifest["cases"]]
+
+    @property
+    def year_detected(self) -> int:
+        return int(self.manifest["year"]) if self.manifest else None
+
+    # --- transforms ------------------------------------------------------------------
+    def _worker_transforms(self) -> list[SampleTransform]:
+        if self.transforms_on_device:
+            return [t for t in self.sample_transforms if not t.supports_batch]
+        return self.sample_transforms
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.transforms_on_device and isinstance(batch, dict):
+            for t in self.sample_transforms:
+                if t.supports_batch:
+                    batch = t(batch)
+        return batch
+
+    # --- loaders ---------------------------------------------------------------------
+    def train_dataset(self) -> PatchDataset:
+        return PatchDataset(
+            self.resolved_cache_dir,
+            self.train_ids,
+            patch_size=self.patch_size,
+            samples_per_epoch=self.samples_per_epoch,
+            fg_prob=self.fg_prob,
+            augment=RandomAugment() if self.augment else None,
+            sample_transforms=self._worker_transforms(),
+            seed=self.seed,
+        )
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(CaseDataset(self.resolved_cache_dir, self.val_ids, self._worker_transforms()), 1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(CaseDataset(self.resolved_cache_dir, self.all_ids, self._worker_transforms()), 1)
+
+
+class SyntheticDataModule(BratsDataModule):
+    """The built-in synthetic cohort (generated when missing), then exactly like BraTS.
+
+    Args:
+        n_cases: cohort size.
+        cohort_seed: seed of the cohort (case ``i`` is reproducible on its own).
+        layout: BraTS naming and label convention to write (2020, 2021 or 2023).
+        size: ``"small"`` (~2 mm, 120×120×78; CPU demos and tests) or ``"full"`` (BraTS grid).
+        **kwargs: as :class:`BratsDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/synthetic",
+        n_cases: int = 16,
+        cohort_seed: int = 0,
+        layout: int = 2021,
+        size: str = "small",
+        **kwargs,
+    ):
+        super().__init__(data_dir=data_dir, **kwargs)
+        self.n_cases = n_cases
+        self.cohort_seed = cohort_seed
+        self.layout = layout
+        self.size = size
+
+    def prepare_data(self) -> None:
+        from trifuse.synth import synthesize_cohort
+
+        synthesize_cohort(self.data_dir, self.n_cases, seed=self.cohort_seed, layout=self.layout, size=self.size)
+        super().prepare_data()
