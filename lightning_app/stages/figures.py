@@ -1,0 +1,71 @@
+"""``trifuse figures KIND``: PNG figures for checking each stage by eye."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_app.stages import StageError
+
+
+def load_case_sample(data: str, case: str | None = None) -> dict:
+    """Decode one case straight from its NIfTI files into a (whole-volume) sample dict."""
+    import numpy as np
+
+    from trifuse import keys
+    from trifuse.io.cache import zscore
+    from trifuse.io.discovery import discover_cases
+    from trifuse.io.labels import labels_to_regions
+    from trifuse.io.validate import decode_case
+
+    records = discover_cases(data)
+    if case:
+        records = [r for r in records if r.case_id == case]
+        if not records:
+            raise StageError(f"case {case} not found in {data}")
+    rec = records[0]
+    decoded = decode_case(rec)
+    stack = np.stack([v.data for v in decoded.images]).astype(np.float32)
+    brain = (stack != 0).any(0)
+    mri = np.stack([zscore(c, brain)[0] for c in stack])
+    sample = {
+        keys.MRI: mri,
+        keys.BRAIN: brain[None],
+        keys.CASE_ID: rec.case_id,
+        keys.META: {
+            "spacing": list(decoded.reference.spacing),
+            "affine": decoded.reference.affine.tolist(),
+            "year": rec.year,
+            "shape": list(brain.shape),
+            "crop_box": [[0, s] for s in brain.shape],
+            "applied": [],
+        },
+    }
+    if decoded.seg is not None:
+        sample[keys.LABEL] = labels_to_regions(decoded.seg.data, rec.year)
+        sample[keys.SEG] = decoded.seg.data[None]
+    return sample
+
+
+def _cohort(args, out: Path) -> None:
+    from trifuse.figures.cohort import render_cohort_figure
+
+    render_cohort_figure(load_case_sample(args.data, args.case), out)
+
+
+#: figure kind → renderer(args, out_png); other tiers add theirs here
+KINDS = {"cohort": _cohort}
+
+
+def run(args) -> int:
+    out = Path(args.out) if args.out else Path("reports/figures") / f"{args.kind}.png"
+    KINDS[args.kind](args, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("figures", help="PNG figures for checking stages by eye")
+    s.add_argument("kind", choices=sorted(KINDS))
+    s.add_argument("--data", default="data/synthetic", help="dataset folder")
+    s.add_argument("--case", default=None, help="case id (default: the first)")
+    s.add_argument("--out", default=None, help="PNG path (default reports/figures/KIND.png)")
+    s.set_defaults(func=run)
