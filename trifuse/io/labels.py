@@ -11,6 +11,7 @@ TC = NCR ∪ ET, ET = ET.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,22 +69,30 @@ def labels_to_regions(seg, year: int):
     Returns:
         uint8 array/tensor of shape ``(3, D, H, W)`` in order WT, TC, ET.
     """
-    conv = convention(year)
     is_torch = isinstance(seg, torch.Tensor)
     if seg.ndim == 4:
         if seg.shape[0] != 1:
             raise ValueError(f"expected a single-channel label map, got shape {tuple(seg.shape)}")
         seg = seg[0]
-    out = []
-    for region in keys.REGIONS:
-        m = None
-        for v in conv.region_labels[region]:
-            hit = seg == v
-            m = hit if m is None else (m | hit)
-        out.append(m)
+    # one table lookup per voxel (values outside 0..255 are not labels: validation rejects them)
+    lut = _region_lut(int(year))
     if is_torch:
-        return torch.stack(out).to(torch.uint8)
-    return np.stack(out).astype(np.uint8)
+        idx = seg.to(torch.int64).clamp(0, 255)
+        return torch.from_numpy(lut).to(seg.device)[:, idx]
+    seg = np.asarray(seg)
+    if seg.dtype != np.uint8:
+        seg = np.clip(seg, 0, 255).astype(np.uint8)
+    return lut[:, seg]
+
+
+@functools.lru_cache(maxsize=None)
+def _region_lut(year: int) -> np.ndarray:
+    """``(3, 256)`` uint8 table: region membership of every raw label value."""
+    conv = convention(year)
+    lut = np.zeros((len(keys.REGIONS), 256), np.uint8)
+    for r, region in enumerate(keys.REGIONS):
+        lut[r, list(conv.region_labels[region])] = 1
+    return lut
 
 
 def regions_to_labels(regions, year: int):
