@@ -99,7 +99,7 @@ def main() -> None:
 
     from monai.networks.nets import SegResNet
 
-    from trifuse.lightning.module import RegionDiceBCE
+    from trifuse.losses import RegionDiceBCELoss as RegionDiceBCE
 
     net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=16)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
