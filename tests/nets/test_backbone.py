@@ -1,0 +1,106 @@
+"""Backbones with feature taps: documented shapes, identical logits to plain MONAI networks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import DynUNet, SegResNet
+
+from trifuse.nets import DynUNetBackbone, SegResNetBackbone, build_backbone
+
+X = (1, 4, 32, 32, 16)  # (B, C, D, H, W); anisotropic shape to catch axis mix-ups
+
+
+def test_segresnet_features_have_documented_shapes():
+    torch.manual_seed(0)
+    f = 8
+    net = SegResNetBackbone(in_channels=4, out_channels=3, init_filters=f).eval()
+    x = torch.randn(*X)
+    with torch.no_grad():
+        logits, feats = net(x, return_features=True)
+    B, _, D, H, W = X
+    expected = {
+        "enc0": (B, f, D, H, W),
+        "enc1": (B, 2 * f, D // 2, H // 2, W // 2),
+        "enc2": (B, 4 * f, D // 4, H // 4, W // 4),
+        "bottleneck": (B, 8 * f, D // 8, H // 8, W // 8),
+        "dec2": (B, 4 * f, D // 4, H // 4, W // 4),
+        "dec1": (B, 2 * f, D // 2, H // 2, W // 2),
+        "dec0": (B, f, D, H, W),
+    }
+    assert logits.shape == (B, 3, D, H, W)
+    assert list(feats) == list(expected)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == expected
+    # feature_info agrees with the tensors, without a forward pass
+    for info in net.feature_info:
+        t = feats[info.name]
+        assert t.shape[1] == info.channels
+        assert tuple(s // info.stride[i] for i, s in enumerate((D, H, W))) == tuple(t.shape[2:])
+
+
+def test_segresnet_logits_equal_plain_monai():
+    torch.manual_seed(1)
+    cfg = dict(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+    plain = SegResNet(**cfg).eval()
+    ours = SegResNetBackbone(**cfg).eval()
+    ours.load_state_dict(plain.state_dict())  # same parameter names: strict load works both ways
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(*X)
+    with torch.no_grad():
+        ref = plain(x)
+        assert torch.equal(ours(x), ref)
+        logits, _ = ours(x, return_features=True)
+        assert torch.equal(logits, ref)
+
+
+def test_segresnet_features_carry_gradients():
+    net = SegResNetBackbone(in_channels=1, init_filters=8)
+    logits, feats = net(torch.randn(2, 1, 16, 16, 16), return_features=True)
+    (logits.mean() + feats["bottleneck"].mean()).backward()
+    assert net.convInit.conv.weight.grad is not None
+
+
+def test_dynunet_features_and_logits_equal_plain_monai():
+    torch.manual_seed(2)
+    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
+    kernels = [[3, 3, 3]] * 4
+    filters = [8, 16, 32, 48]
+    plain = DynUNet(3, 4, 3, kernels, strides, strides[1:], filters=filters, res_block=True).eval()
+    ours = DynUNetBackbone(3, 4, 3, kernel_size=kernels, strides=strides, filters=filters, res_block=True).eval()
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(*X)
+    with torch.no_grad():
+        ref = plain(x)
+        assert torch.equal(ours(x), ref)
+        logits, feats = ours(x, return_features=True)
+    assert torch.equal(logits, ref)
+    B, _, D, H, W = X
+    expected = {
+        "enc0": (B, 8, D, H, W),
+        "enc1": (B, 16, D // 2, H // 2, W // 2),
+        "enc2": (B, 32, D // 4, H // 4, W // 4),
+        "bottleneck": (B, 48, D // 8, H // 8, W // 4),  # last stride is (2, 2, 1)
+        "dec2": (B, 32, D // 4, H // 4, W // 4),
+        "dec1": (B, 16, D // 2, H // 2, W // 2),
+        "dec0": (B, 8, D, H, W),
+    }
+    assert {k: tuple(v.shape) for k, v in feats.items()} == expected
+    assert list(feats) == list(expected)
+    assert [(i.name, i.channels, i.stride) for i in ours.feature_info][3] == ("bottleneck", 48, (8, 8, 4))
+    # taps record only on request
+    assert ours._taps is None
+
+
+def test_dynunet_defaults_and_deep_supervision():
+    net = DynUNetBackbone(in_channels=1, filters=(8, 16, 16, 16, 16), deep_supervision=True, deep_supr_num=2)
+    assert [i.stride[0] for i in net.feature_info] == [1, 2, 4, 8, 16, 8, 4, 2, 1]
+    net.train()
+    out, feats = net(torch.randn(1, 1, 32, 32, 32), return_features=True)
+    assert out.shape == (1, 3, 3, 32, 32, 32)  # (B, 1 + deep_supr_num, C, ...)
+    assert feats["bottleneck"].shape == (1, 16, 2, 2, 2)
+
+
+def test_build_backbone():
+    assert isinstance(build_backbone("SegResNet", in_channels=1, init_filters=8), SegResNetBackbone)
+    assert isinstance(build_backbone("dynunet", in_channels=1, filters=(8, 8, 8, 8, 8)), DynUNetBackbone)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("unetr")
