@@ -31,5 +31,6 @@ STAGE_MODULES = (
     "evaluate",
     "compare",
     "figures",
+    "report",
     "bench",
 )

@@ -51,8 +51,30 @@ def _cohort(args, out: Path) -> None:
     render_cohort_figure(load_case_sample(args.data, args.case), out)
 
 
+def _semantic(args, out: Path) -> None:
+    from trifuse.figures.semantic import semantic_figure_from_data
+
+    semantic_figure_from_data(args.data, out, case=args.case)
+
+
+def _physics(args, out: Path) -> None:
+    """T1ce, FLAIR, simulated US and synthetic CT in three views (cropped cached case if available)."""
+    from lightning_app.stages.physics import cached_samples
+    from trifuse.io import cache as cache_mod
+    from trifuse.physics.figure import render_physics_figure
+
+    cache_dir, manifest, _ = cached_samples(args.data, None)
+    ct_model = cache_dir / "ct_mixture.json"
+    ids = [c["case_id"] for c in manifest["cases"]]
+    cid = args.case or ids[0]
+    if cid not in ids:
+        raise StageError(f"case {cid} not found (or invalid) in {args.data}")
+    sample = cache_mod.load_sample(cache_dir, cid)
+    render_physics_figure(sample, out, ct_model=ct_model if ct_model.exists() else None)
+
+
 #: figure kind → renderer(args, out_png); other tiers add theirs here
-KINDS = {"cohort": _cohort}
+KINDS = {"cohort": _cohort, "semantic": _semantic, "physics": _physics}
 
 
 def run(args) -> int:

@@ -239,6 +239,9 @@ class BratsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.manifest = read_manifest(self.resolved_cache_dir)
+        for t in self.sample_transforms:  # transforms that read dataset files ("auto" paths)
+            if hasattr(t, "bind_dataset"):
+                t.bind_dataset(self.data_dir, self.resolved_cache_dir)
         invalid = self.manifest.get("invalid", {})
         if invalid and not self.skip_invalid:
             lines = [f"  {cid}: {'; '.join(p)}" for cid, p in sorted(invalid.items())]
@@ -264,13 +267,13 @@ class BratsDataModule(L.LightningDataModule):
     # --- transforms ------------------------------------------------------------------
     def _worker_transforms(self) -> list[SampleTransform]:
         if self.transforms_on_device:
-            return [t for t in self.sample_transforms if not t.supports_batch]
+            return [t for t in self.sample_transforms if not getattr(t, "supports_batch", False)]
         return self.sample_transforms
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.transforms_on_device and isinstance(batch, dict):
             for t in self.sample_transforms:
-                if t.supports_batch:
+                if getattr(t, "supports_batch", False):
                     batch = t(batch)
         return batch
 

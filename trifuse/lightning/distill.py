@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -106,16 +106,23 @@ class AsyncTeacherDistillation(L.Callback):
         self._lock = threading.Lock()
         self._stream = None
         self.stats = {"lookahead_hits": 0, "computed_now": 0}
+        self.enabled = True
 
     # --- teachers -------------------------------------------------------------------
     @property
     def modalities(self) -> list[str]:
         return list(self.teacher_paths)
 
-    def _load_all(self, device: torch.device) -> None:
+    def _load_all(self, device: torch.device, wanted: Optional[Sequence[str]] = None) -> None:
+        """Load the teachers (only the ``wanted`` modalities, if given)."""
         import time
 
         deadline = time.monotonic() + self.wait_for_teachers_s
+        if wanted is not None:
+            unknown = [m for m in wanted if m not in self.teacher_paths]
+            if unknown:
+                raise ValueError(f"the student wants teachers {unknown} but the callback has no checkpoint path for them")
+            self.teacher_paths = {m: p for m, p in self.teacher_paths.items() if m in wanted}
         for m, path in self.teacher_paths.items():
             ckpt = resolve_checkpoint(path)
             while ckpt is None and time.monotonic() < deadline:
@@ -195,12 +202,19 @@ class AsyncTeacherDistillation(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        self._load_all(pl_module.device)
+        # the student decides which teachers it learns from (ablations: none, MRI only, ...)
+        wanted = getattr(pl_module, "teacher_modalities", None)
+        self.enabled = wanted is None or len(wanted) > 0
+        if not self.enabled:
+            return
+        self._load_all(pl_module.device, wanted)
         pl_module.distiller = self
         if hasattr(pl_module, "check_teachers"):
             pl_module.check_teachers(self.teachers)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         device = pl_module.device
         for m, t in self.teachers.items():
             self.teachers[m] = t.to(device)
@@ -216,6 +230,8 @@ class AsyncTeacherDistillation(L.Callback):
         return batches[0] if batches else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
         if self.watch and batch_idx % self.poll_every_n_steps == 0 and batch_idx > 0:
             if self.refresh(pl_module.device):
                 pl_module.log("distill/teacher_swaps", float(self.swaps), rank_zero_only=True)

@@ -108,6 +108,8 @@ class SimulateUltrasound:
         differentiable: keep the autograd graph (fitting θ_mapper); default no_grad.
     """
 
+    supports_batch = True  # also takes (B, C, D, H, W) batches: can run on the device
+
     def __init__(
         self,
         config: ProbeConfig = ProbeConfig(),
@@ -188,6 +190,8 @@ class SynthesizeCT:
         generator: draw per-item seeds from this generator instead.
     """
 
+    supports_batch = True  # also takes (B, C, D, H, W) batches: can run on the device
+
     def __init__(
         self,
         model_or_path: CTMixtureModel | str | os.PathLike | None = None,
@@ -198,12 +202,30 @@ class SynthesizeCT:
     ):
         if mode not in ("expectation", "sample"):
             raise ValueError(f"mode must be 'expectation' or 'sample', got {mode!r}")
+        self.auto = isinstance(model_or_path, str) and model_or_path == "auto"
+        if self.auto:
+            model_or_path = None  # resolved by bind_dataset (the DataModule calls it in setup)
         self._path = None if model_or_path is None or isinstance(model_or_path, CTMixtureModel) else Path(model_or_path)
         self._model = model_or_path if isinstance(model_or_path, CTMixtureModel) else None
         self.mode = mode
         self.head = head
         self.seed = seed
         self.generator = generator
+
+    def bind_dataset(self, data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
+        """With ``model_or_path="auto"``: use the dataset's fitted mixture (``trifuse physics
+        fit-ct`` writes ``<cache>/ct_mixture.json``), else the unfitted tissue-table default."""
+        if not self.auto:
+            return
+        p = Path(cache_dir) / "ct_mixture.json"
+        if p.exists():
+            self._path, self._model = p, None
+        else:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "SynthesizeCT: no fitted CT mixture at %s (run `trifuse physics fit-ct --data %s`); using the tissue-table default", p, data_dir
+            )
 
     @property
     def model(self) -> CTMixtureModel:
