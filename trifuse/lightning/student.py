@@ -53,6 +53,9 @@ class StudentModule(L.LightningModule):
         text_dim: description embedding size (MiniLM: 384).
         lr, weight_decay: AdamW.
         roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size).
+        clip_ckpt: CLIP checkpoint (``trifuse clip``) used to derive the priors of a new case
+            at prediction time (offline description → priors), so ``trifuse predict`` needs
+            only the four MRI files.
     """
 
     def __init__(
@@ -81,9 +84,11 @@ class StudentModule(L.LightningModule):
         sw_batch_size: int = 1,
         overlap: float = 0.5,
         compute_hd95: bool = True,
+        clip_ckpt: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.inputs = (keys.MRI,)  # inference needs the MRI only (priors are derived from it)
         self.teacher_modalities = tuple(teacher_modalities) if (use_response or use_feature) else ()
         if len(teacher_channels) != len(teacher_modalities):
             raise ValueError(f"teacher_channels {list(teacher_channels)} must give one entry per teacher {list(teacher_modalities)}")
@@ -215,6 +220,41 @@ class StudentModule(L.LightningModule):
         flat = {f"val/{k}": float(v) for k, v in summary.items() if torch.is_tensor(v) and v.ndim == 0}
         self.log_dict(flat)
         self.last_val_summary = {k.removeprefix("val/"): v for k, v in flat.items()}
+
+    # --- prediction from MRI only ------------------------------------------------------
+    def semantic_for_sample(self, sample: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Prior ``(1, 3, d, h, w)`` and text ``(1, E)`` of one prepared (cropped) case.
+
+        Uses ``sample['prior']``/``['text']`` when present; otherwise derives them from the
+        MRI alone: the offline describer writes the description, the CLIP model of
+        ``clip_ckpt`` turns it and the slices into priors (the ``trifuse semantic`` path).
+        """
+        if not self.uses_priors:
+            return None, None
+        dev = self.device
+        if keys.PRIOR in sample:
+            text = sample.get(keys.TEXT)
+            return torch.as_tensor(sample[keys.PRIOR]).float()[None].to(dev), (None if text is None else torch.as_tensor(text).float()[None].to(dev))
+        if not self.hparams.clip_ckpt:
+            raise ValueError("this student uses semantic priors but its checkpoint names no clip_ckpt; pass model.init_args.clip_ckpt when training")
+        from trifuse.semantic.clip import load_clip
+        from trifuse.semantic.offline import OfflineDescriber
+        from trifuse.semantic.priors import compute_prior
+
+        clip = self.__dict__.get("_clip_model")
+        if clip is None:  # kept outside the module tree: never saved into a checkpoint
+            clip = load_clip(self.hparams.clip_ckpt, device="cpu")
+            object.__setattr__(self, "_clip_model", clip)
+        desc = OfflineDescriber().describe(sample)
+        res = compute_prior(clip, sample, desc)
+        return res.prior.float()[None].to(dev), res.text.float()[None].to(dev)
+
+    @torch.no_grad()
+    def predict_sample_regions(self, sample: dict) -> torch.Tensor:
+        """Binary region masks ``(1, 3, D, H, W)`` of a prepared case (MRI → priors → student)."""
+        prior, text = self.semantic_for_sample(sample)
+        x = torch.as_tensor(sample[keys.MRI]).float()[None].to(self.device)
+        return (torch.sigmoid(self.infer(x, prior, text)) > 0.5).to(torch.uint8)
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prior, text = self._semantic_inputs(batch)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from trifuse.transforms import SampleTransform
 from trifuse import keys
 from trifuse.physics.ct import CTMixtureModel, synthesize_ct
 from trifuse.physics.tissues import HeadConfig
@@ -93,7 +94,7 @@ def _finish(data: dict, batched: bool, metas: list[dict], key: str, value: torch
     return out
 
 
-class SimulateUltrasound:
+class SimulateUltrasound(SampleTransform):
     """Sample transform writing ``keys.US`` (float32 in [0, 1]).
 
     Args:
@@ -177,7 +178,7 @@ class SimulateUltrasound:
         return f"SimulateUltrasound(config={self.config}, seed={self.seed}, jitter_deg={self.jitter_deg}, jitter_mm={self.jitter_mm})"
 
 
-class SynthesizeCT:
+class SynthesizeCT(SampleTransform):
     """Sample transform writing ``keys.CT`` (float32, HU/1000 clipped to [-1, 1]).
 
     Args:
