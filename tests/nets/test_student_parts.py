@@ -52,7 +52,7 @@ def test_student_identity_film_matches_plain_backbone_and_grads():
     torch.manual_seed(0)
     s = StudentNet(init_filters=8, use_semantic_attention=False)
     x = torch.randn(1, 4, 16, 16, 16)
-    prior, text = torch.rand(1, 3, 4, 4, 4), torch.randn(1, 384)
+    prior, text = torch.rand(1, 3, 4, 4, 4), torch.randn(1, 128)
     # FiLM starts as the identity: the student equals its backbone
     torch.testing.assert_close(s(x, prior, text), s.backbone(x))
     s2 = StudentNet(init_filters=8)

@@ -50,7 +50,7 @@ class StudentModule(L.LightningModule):
         lambda_resp, lambda_feat, lambda_sem: final weights; ``warmup_steps`` ramps each
             (``start_steps`` delays them) linearly.
         use_response, use_feature, use_semantic, use_film, use_semantic_attention: tiers.
-        text_dim: description embedding size (MiniLM: 384).
+        text_dim: pooled description embedding size (the CLIP embed_dim, 128 by default).
         lr, weight_decay: AdamW.
         roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size).
         clip_ckpt: CLIP checkpoint (``trifuse clip``) used to derive the priors of a new case
@@ -77,7 +77,7 @@ class StudentModule(L.LightningModule):
         use_semantic: bool = True,
         use_film: bool = True,
         use_semantic_attention: bool = True,
-        text_dim: int = 384,
+        text_dim: int = 128,
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         roi_size: Sequence[int] = (128, 128, 128),

@@ -34,7 +34,7 @@ class StudentNet(nn.Module):
         in_channels: MRI contrasts (4).
         out_channels: regions (3).
         init_filters, blocks_down: SegResNet configuration (see :class:`SegResNetBackbone`).
-        text_dim: size of the pooled description embedding (MiniLM: 384).
+        text_dim: size of the pooled description embedding (CLIP embed_dim: 128).
         prior_channels: prior maps (3: WT, TC, ET).
         use_film: FiLM at the bottleneck and decoder stages.
         use_semantic_attention: gates on TC and ET.
@@ -51,7 +51,7 @@ class StudentNet(nn.Module):
         out_channels: int = 3,
         init_filters: int = 16,
         blocks_down: Sequence[int] = (1, 2, 2, 4),
-        text_dim: int = 384,
+        text_dim: int = 128,
         prior_channels: int = 3,
         use_film: bool = True,
         use_semantic_attention: bool = True,
