@@ -24,7 +24,8 @@ EVAL_CKPT ?= runs/teachers/mri/checkpoints/best.ckpt
 EVAL_INPUT ?= data/$(DATA)
 EVAL_OUT ?= runs/evaluate/$(DATA)
 
-.PHONY: setup demo test test-slow synth preprocess figures bench crosscheck clean-data help teachers teacher-mri teacher-us teacher-ct evaluate
+
+.PHONY: setup demo demo-mri test test-slow synth preprocess figures bench crosscheck clean-data help teachers teacher-mri teacher-us teacher-ct evaluate
 
 help:
 	@echo "make demo | test | test-slow | synth | preprocess | figures | bench | teachers | evaluate"
@@ -67,11 +68,10 @@ bench: setup
 crosscheck: setup .venv-brats/.installed
 	$(PY) bench/crosscheck_brats_eval.py --venv .venv-brats
 
-# the main job on the built-in synthetic cohort, on CPU
-demo: setup
+# the quick single-model demo of the foundation stage (one MRI SegResNet, a few minutes)
+demo-mri: setup
 	$(TRIFUSE) synth --out data/synthetic --n $(N) --seed $(SEED) --size small
 	$(TRIFUSE) preprocess --data data/synthetic
-	$(TRIFUSE) figures cohort --data data/synthetic --out reports/demo/cohort.png
 	WANDB_MODE=$${WANDB_MODE:-offline} $(TRIFUSE) fit --config configs/demo_mri.yaml $(ARGS)
 
 # --- feature tier: the three teachers, prediction and evaluation ---------------------------------
@@ -117,3 +117,56 @@ evaluate: setup
 
 clean-data:
 	rm -rf data/synthetic data/cache runs reports
+
+# --- the student, ablations and the full demo ------------------------------------------------------
+# `make student DATA=brats2021 DEVICES=4` after `make teachers` and the semantic stages
+# (make semantic). Each ablation is one run folder under runs/student/<name>/ and one W&B run in
+# the group "student"; `trifuse compare runs/student/*` tabulates them offline.
+ABLATIONS ?= mri_only no_pixel response_only no_semantic no_film full
+CLIP_EPOCHS ?=
+STUDENT_CONFIGS = $(TEACHER_CONFIGS) -c configs/student.yaml
+STUDENT_SMOKE = $(if $(_SYNTH),-c configs/overlays/student_smoke.yaml)
+STUDENT_OVERRIDES = $(TEACHER_OVERRIDES) --model.init_args.clip_ckpt=runs/clip/$(DATA)/clip.pt
+
+.PHONY: semantic student ablations report
+
+semantic: setup
+	$(TRIFUSE) describe --data data/$(DATA)
+	$(TRIFUSE) clip --data data/$(DATA) $(if $(CLIP_EPOCHS),--epochs $(CLIP_EPOCHS))
+	$(TRIFUSE) semantic --data data/$(DATA)
+
+student: setup
+	$(TRIFUSE) fit $(STUDENT_CONFIGS) -c configs/ablations/full.yaml $(STUDENT_SMOKE) $(STUDENT_OVERRIDES) --ckpt_path=last $(ARGS)
+
+ablations: setup
+	@for a in $(ABLATIONS); do \
+		echo "=== ablation $$a ==="; \
+		$(TRIFUSE) fit $(STUDENT_CONFIGS) -c configs/ablations/$$a.yaml $(STUDENT_SMOKE) $(STUDENT_OVERRIDES) --ckpt_path=last $(ARGS) || exit 1; \
+	done
+	$(TRIFUSE) compare $(addprefix runs/student/,$(ABLATIONS)) --out reports/ablations
+
+# --- the main job: the whole three-tier pipeline on the built-in synthetic cohort, on CPU -------
+# synth → preprocess → fit-ct → teachers → describe (offline) → clip → semantic → student and
+# ablations → predict (held-out cohort) → evaluate → figures → report (its path is printed).
+# Every stage skips work already done, so a second `make demo` only redoes what changed.
+DEMO_ABLATIONS ?= $(ABLATIONS)
+DEMO_CLIP_EPOCHS ?= 12
+DEMO_TEST_N ?= 4
+demo: export WANDB_MODE ?= offline
+demo: setup
+	$(TRIFUSE) synth --out data/synthetic --n $(N) --seed $(SEED) --size small
+	$(TRIFUSE) synth --out data/synthetic-test --n $(DEMO_TEST_N) --seed $$(( $(SEED) + 1000 )) --size small
+	$(TRIFUSE) preprocess --data data/synthetic
+	$(TRIFUSE) physics fit-ct --data data/synthetic
+	$(MAKE) --no-print-directory teachers DATA=synthetic
+	$(MAKE) --no-print-directory semantic DATA=synthetic CLIP_EPOCHS=$(DEMO_CLIP_EPOCHS)
+	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)"
+	$(TRIFUSE) predict --ckpt runs/student/full/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred
+	$(TRIFUSE) evaluate --pred runs/demo/pred --data data/synthetic-test --out reports/demo/eval
+	$(TRIFUSE) figures cohort --data data/synthetic --out reports/demo/cohort.png
+	$(TRIFUSE) figures physics --data data/synthetic --out reports/demo/physics.png
+	$(TRIFUSE) figures semantic --data data/synthetic --out reports/demo/semantic.png
+	$(TRIFUSE) report --out reports/demo --eval reports/demo/eval \
+		--teachers runs/teachers/mri runs/teachers/us runs/teachers/ct \
+		--runs $(addprefix runs/student/,$(DEMO_ABLATIONS)) \
+		--figures reports/demo/cohort.png reports/demo/physics.png reports/demo/semantic.png reports/ablations/compare.png

@@ -148,6 +148,8 @@ def predict_sample(model, sample: dict, transforms=()) -> "np.ndarray":
 
     for t in transforms:
         sample = t(sample)
+    if hasattr(model, "predict_sample_regions"):  # the student: MRI → priors → student
+        return model.predict_sample_regions(sample)[0].to(torch.uint8).cpu().numpy()
     device = next(model.parameters()).device
     x = torch.cat([sample[k].float()[None] for k in model.inputs], dim=1).to(device)
     with torch.inference_mode():

@@ -96,3 +96,16 @@ def test_synthetic_datamodule_generates_when_missing(tmp_path):
     assert len(dm.train_ids) + len(dm.val_ids) == 3
     batch = next(iter(dm.train_dataloader()))
     assert batch[keys.MRI].shape == (2, 4, 16, 16, 16)
+
+
+def test_case_shard_sampler_never_repeats_cases(monkeypatch):
+    from trifuse.lightning.data import CaseShardSampler
+
+    assert list(CaseShardSampler(3)) == [0, 1, 2]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
+        shards.append(list(CaseShardSampler(3)))
+    assert shards == [[0, 2], [1]]  # uneven, but every case exactly once (no padding repeats)

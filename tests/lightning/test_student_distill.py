@@ -74,7 +74,7 @@ def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synth
     ckpt_dir.mkdir(parents=True)
     _save_teacher(ckpt_dir / "best.ckpt")
     dm = BratsDataModule(str(data), str(cache), patch_size=(16, 16, 16), batch_size=2, num_workers=0, samples_per_epoch=4, n_folds=3, limit_val_cases=1)
-    model = StudentModule(init_filters=8, teacher_modalities=("mri",), teacher_channels=(128,), use_semantic=False, warmup_steps=0, roi_size=(16, 16, 16), compute_hd95=False)
+    model = StudentModule(init_filters=8, teacher_modalities=("mri",), teacher_channels=128, use_semantic=False, warmup_steps=0, roi_size=(16, 16, 16), compute_hd95=False)
     cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)})
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0
@@ -94,3 +94,23 @@ def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synth
     x = torch.randn(1, 4, 16, 16, 16)
     model.eval(), reloaded.eval()
     torch.testing.assert_close(reloaded(x), model(x))
+
+    # `trifuse predict` with a student checkpoint needs the four MRI files only
+    import shutil
+
+    from lightning_app.cli import main
+
+    src = data / "BraTS2021_00001"
+    case = tmp_path / "in" / "BraTS2021_00001"
+    case.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.endswith("_seg.nii.gz"):
+            shutil.copy(f, case / f.name)
+    assert main(["predict", "--ckpt", str(out), "--input", str(case), "--output", str(tmp_path / "pred")]) == 0
+    import nibabel as nib
+    import numpy as np
+
+    pred = nib.load(str(tmp_path / "pred" / "BraTS2021_00001.nii.gz"))
+    ref = nib.load(str(src / "BraTS2021_00001_t1.nii.gz"))
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}

@@ -53,6 +53,29 @@ def _pad_to(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.pad(t, pad) if any(pad) else t
 
 
+class CaseShardSampler(torch.utils.data.Sampler):
+    """Whole cases split over DDP ranks without padding (``rank::world_size``).
+
+    Lightning's default ``DistributedSampler`` pads uneven splits by repeating cases, which
+    would count those cases twice in the (synced) validation metrics. Outside DDP it is a
+    plain sequential sampler.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _shard(self) -> range:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return range(torch.distributed.get_rank(), self.n, torch.distributed.get_world_size())
+        return range(self.n)
+
+    def __iter__(self):
+        return iter(self._shard())
+
+    def __len__(self) -> int:
+        return len(self._shard())
+
+
 class PatchDataset(Dataset):
     """Random training patches from cached cases, with foreground oversampling.
 
@@ -290,11 +313,12 @@ class BratsDataModule(L.LightningDataModule):
             seed=self.seed,
         )
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
@@ -305,13 +329,15 @@ class BratsDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset(), self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(CaseDataset(self.resolved_cache_dir, self.val_ids, self._worker_transforms()), 1)
+        ds = CaseDataset(self.resolved_cache_dir, self.val_ids, self._worker_transforms())
+        return self._loader(ds, 1, sampler=CaseShardSampler(len(ds)))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(CaseDataset(self.resolved_cache_dir, self.all_ids, self._worker_transforms()), 1)
+        ds = CaseDataset(self.resolved_cache_dir, self.all_ids, self._worker_transforms())
+        return self._loader(ds, 1, sampler=CaseShardSampler(len(ds)))
 
 
 class SyntheticDataModule(BratsDataModule):

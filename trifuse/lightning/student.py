@@ -44,7 +44,8 @@ class StudentModule(L.LightningModule):
     """Args:
         init_filters: student SegResNet width.
         teacher_modalities: teachers whose targets the callback provides (order of fusion inputs).
-        teacher_channels: bottleneck channels of each teacher (SegResNet 16 filters: 128).
+        teacher_channels: bottleneck channels of the teachers (one int for all, or one per
+            teacher; SegResNet with 16 filters: 128).
         fusion_width, fusion_heads, fusion_window: fusion block size.
         temperature: T of L_resp.
         lambda_resp, lambda_feat, lambda_sem: final weights; ``warmup_steps`` ramps each
@@ -62,7 +63,7 @@ class StudentModule(L.LightningModule):
         self,
         init_filters: int = 16,
         teacher_modalities: Sequence[str] = ("mri", "us", "ct"),
-        teacher_channels: Sequence[int] = (128, 128, 128),
+        teacher_channels: int | Sequence[int] = 128,
         fusion_width: int = 64,
         fusion_heads: int = 4,
         fusion_window: int = 4,
@@ -90,8 +91,11 @@ class StudentModule(L.LightningModule):
         self.save_hyperparameters()
         self.inputs = (keys.MRI,)  # inference needs the MRI only (priors are derived from it)
         self.teacher_modalities = tuple(teacher_modalities) if (use_response or use_feature) else ()
+        if isinstance(teacher_channels, int):
+            teacher_channels = [teacher_channels] * len(teacher_modalities)
         if len(teacher_channels) != len(teacher_modalities):
             raise ValueError(f"teacher_channels {list(teacher_channels)} must give one entry per teacher {list(teacher_modalities)}")
+        self.teacher_channels = [int(c) for c in teacher_channels]
         self.student = StudentNet(
             in_channels=len(keys.MODALITIES),
             out_channels=len(keys.REGIONS),
@@ -102,7 +106,7 @@ class StudentModule(L.LightningModule):
         )
         self.criterion = RegionDiceBCELoss()
         if use_feature and self.teacher_modalities:
-            self.fusion = CrossModalFusion(teacher_channels, width=fusion_width, num_heads=fusion_heads, window=fusion_window)
+            self.fusion = CrossModalFusion(self.teacher_channels, width=fusion_width, num_heads=fusion_heads, window=fusion_window)
             bott = {fi.name: fi.channels for fi in self.student.backbone.feature_info}["bottleneck"]
             self.student_proj = nn.Conv3d(bott, fusion_width, kernel_size=1)
             self.fusion_head = nn.Conv3d(fusion_width, len(keys.REGIONS), kernel_size=1)
@@ -127,7 +131,7 @@ class StudentModule(L.LightningModule):
         missing = [m for m in self.teacher_modalities if m not in teachers]
         if missing:
             raise ValueError(f"student expects teachers {list(self.teacher_modalities)}; the callback has no {missing}")
-        for m, ch in zip(self.teacher_modalities, self.hparams.teacher_channels):
+        for m, ch in zip(self.teacher_modalities, self.teacher_channels):
             info = {fi.name: fi.channels for fi in teachers[m].net.feature_info}
             if info["bottleneck"] != ch:
                 raise ValueError(f"teacher {m}: bottleneck has {info['bottleneck']} channels, student.teacher_channels says {ch}")
