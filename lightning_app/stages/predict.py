@@ -59,7 +59,11 @@ def load_model(ckpt: str | Path, device: str = "cpu"):
         meta = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{ckpt}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    class_path = (meta.get("hyper_parameters") or {}).get("_class_path") or "trifuse.lightning.teacher.TeacherModule"
+    class_path = (
+        (meta.get("hyper_parameters") or {}).get("_class_path")
+        or (meta.get("trifuse") or {}).get("class_path")
+        or "trifuse.lightning.teacher.TeacherModule"
+    )
     if not class_path.startswith("trifuse."):
         raise ValueError(f"{ckpt}: module class {class_path!r} is not part of trifuse; refusing to import it")
     module_name, _, cls_name = class_path.rpartition(".")

@@ -31,7 +31,8 @@ def compositions() -> list[tuple[str, list[Path]]]:
         elif rel.parts[0] == "trainer":
             out.append((str(rel), [p, SYNTH, MRI_T]))
         else:  # other folders hold overlays: ablations of the student, the rest of a teacher
-            base = CFG / "student.yaml" if rel.parts[0] == "ablations" else MRI_T
+            student = rel.parts[0] == "ablations" or rel.name.startswith("student")
+            base = CFG / "student.yaml" if student else MRI_T
             out.append((str(rel), [CPU, SYNTH, base, p]))
     return out
 

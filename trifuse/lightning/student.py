@@ -264,6 +264,16 @@ class StudentModule(L.LightningModule):
         prior, text = self._semantic_inputs(batch)
         return torch.sigmoid(self.infer(batch[keys.MRI].float(), prior, text))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what a reader (predict) needs without instantiating the module; no teacher weights
+        checkpoint["trifuse"] = {
+            "kind": "student",
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "inputs": list(self.inputs),
+            "regions": list(keys.REGIONS),
+            "teachers": list(self.teacher_modalities),
+        }
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.trainer or not self.trainer.max_epochs or self.trainer.max_epochs < 0:
