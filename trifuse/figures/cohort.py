@@ -18,7 +18,9 @@ def render_cohort_figure(sample: dict, out_png: str | Path) -> Path:
     mri = np.asarray(sample[keys.MRI], dtype=np.float32)
     label = np.asarray(sample[keys.LABEL]) if keys.LABEL in sample else None
     centre = lesion_centre(label, mri.shape[1:])
-    spacing = sample.get(keys.META, {}).get("spacing", (1, 1, 1))
+    meta = sample.get(keys.META, {})
+    spacing = meta.get("spacing", (1, 1, 1))
+    affine = meta.get("affine")
     titles = ["T1", "T1ce", "T2", "FLAIR", "FLAIR + labels"]
     fig, axes = plt.subplots(3, 5, figsize=(15, 9.5), facecolor="black")
     for r, view in enumerate(VIEWS):
@@ -27,12 +29,12 @@ def render_cohort_figure(sample: dict, out_png: str | Path) -> Path:
             ax = axes[r, c]
             ax.set_facecolor("black")
             ch = min(c, 3)
-            img = take_view(mri[ch], view, centre)
+            img = take_view(mri[ch], view, centre, affine)
             brain = img != 0
             lo, hi = (np.percentile(img[brain], [0.5, 99.5]) if brain.any() else (0, 1))
             ax.imshow(np.ma.masked_where(~brain, img), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
             if c == 4 and label is not None:
-                ax.imshow(label_rgba(label, view, centre), aspect=aspect, interpolation="nearest")
+                ax.imshow(label_rgba(label, view, centre, affine=affine), aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

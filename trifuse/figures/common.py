@@ -24,25 +24,31 @@ def lesion_centre(label: np.ndarray | None, fallback_shape) -> tuple[int, int, i
     return tuple(s // 2 for s in fallback_shape)
 
 
-def take_view(vol: np.ndarray, view: str, centre) -> np.ndarray:
-    """2-D slice of ``vol (X, Y, Z)`` for display, oriented with superior/anterior up.
+def take_view(vol: np.ndarray, view: str, centre, affine=None) -> np.ndarray:
+    """2-D slice of ``vol (X, Y, Z)`` through ``centre``, for display.
 
-    Array axes are kept as on disk (no reorientation); BraTS/synthetic x and y are
-    flipped relative to RAS, which the display flips undo.
+    With the volume's ``affine`` the slice is oriented radiologically from the geometry
+    (:func:`trifuse.semantic.slices.view_geometry`: superior/anterior up, patient's right
+    on the left), whatever the storage order; without it, the BraTS storage order is assumed.
     """
+    if affine is not None:
+        from trifuse.semantic.slices import view_geometry
+
+        geo = view_geometry(np.asarray(affine, dtype=float), view)
+        return np.asarray(geo.slice(vol, centre[geo.slice_axis]))
     x, y, z = centre
     if view == "axial":
-        return np.rot90(vol[:, :, z])
+        return np.rot90(vol[:, :, z], 2).T[::-1].T
     if view == "coronal":
         return np.rot90(vol[:, y, :])
     if view == "sagittal":
-        return np.rot90(vol[x, :, :])
+        return np.rot90(vol[x, :, :])[:, ::-1]
     raise ValueError(view)
 
 
-def label_rgba(label: np.ndarray, view: str, centre, alpha: float = 0.45) -> np.ndarray:
+def label_rgba(label: np.ndarray, view: str, centre, alpha: float = 0.45, affine=None) -> np.ndarray:
     """RGBA overlay of ED (WT∖TC), NCR (TC∖ET) and ET for one view."""
-    wt, tc, et = (take_view(label[i].astype(bool), view, centre) for i in range(3))
+    wt, tc, et = (take_view(label[i].astype(bool), view, centre, affine) for i in range(3))
     rgba = np.zeros(wt.shape + (4,), np.float32)
     for mask, name in ((wt & ~tc, "ED"), (tc & ~et, "NCR"), (et, "ET")):
         rgba[mask, :3] = REGION_COLOURS[name]
