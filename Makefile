@@ -152,15 +152,18 @@ ablations: setup
 DEMO_ABLATIONS ?= $(ABLATIONS)
 DEMO_CLIP_EPOCHS ?= 12
 DEMO_TEST_N ?= 4
+# longer than the smoke overlays (which only prove that a stage runs), still ~20 min on 2 cores
+DEMO_TRAIN_ARGS ?= --trainer.max_epochs=6 --trainer.check_val_every_n_epoch=3 \
+	--data.init_args.samples_per_epoch=16 --data.init_args.limit_val_cases=4
 demo: export WANDB_MODE ?= offline
 demo: setup
 	$(TRIFUSE) synth --out data/synthetic --n $(N) --seed $(SEED) --size small
 	$(TRIFUSE) synth --out data/synthetic-test --n $(DEMO_TEST_N) --seed $$(( $(SEED) + 1000 )) --size small
 	$(TRIFUSE) preprocess --data data/synthetic
 	$(TRIFUSE) physics fit-ct --data data/synthetic
-	$(MAKE) --no-print-directory teachers DATA=synthetic
+	$(MAKE) --no-print-directory teachers DATA=synthetic ARGS="$(DEMO_TRAIN_ARGS) $(ARGS)"
 	$(MAKE) --no-print-directory semantic DATA=synthetic CLIP_EPOCHS=$(DEMO_CLIP_EPOCHS)
-	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)"
+	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)" ARGS="$(DEMO_TRAIN_ARGS) $(ARGS)"
 	$(TRIFUSE) predict --ckpt runs/student/full/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred
 	$(TRIFUSE) evaluate --pred runs/demo/pred --data data/synthetic-test --out reports/demo/eval
 	$(TRIFUSE) figures cohort --data data/synthetic --out reports/demo/cohort.png
