@@ -20,6 +20,7 @@ Links between the parts, so they cannot disagree:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -67,6 +68,9 @@ class TrifuseCLI(LightningCLI):
                 if key == "callbacks" and not str(_get(item, "class_path")).endswith("ModelCheckpoint"):
                     continue
                 init[arg] = value
+                # W&B: a run named after its folder (e.g. the ablation) unless a name is set
+                if key == "logger" and "name" in init and not init["name"] and "WandbLogger" in str(_get(item, "class_path")):
+                    init["name"] = Path(run_dir).name
 
     @staticmethod
     def _link_in_channels(cfg) -> None:
