@@ -306,7 +306,10 @@ def generate_case(
     texture = 1 + 0.06 * _smooth_noise(gen, shape, 24, 4) + 0.03 * _smooth_noise(gen, shape, 48, 4)
     img = torch.einsum("ct,txyz->cxyz", INTENSITY, frac) * texture
     # the real template T1 contributes its texture (sulci, deep nuclei) to T1 and T1ce
-    t1_real = t1_tmpl / t1_tmpl[brain].quantile(0.9).clamp_min(1e-3) if brain.any() else t1_tmpl
+    # 90th percentile of the template T1 in the brain, on every 7th brain voxel (a full sort
+    # of millions of voxels cost ~0.2 s per case for the same number)
+    vals = t1_tmpl[brain][::7]
+    t1_real = t1_tmpl / vals.kthvalue(max(1, int(0.9 * len(vals)))).values.clamp_min(1e-3) if len(vals) else t1_tmpl
     blend = 0.35 * healthy
     img[0] = (1 - blend) * img[0] + blend * t1_real
     img[1] = (1 - blend) * img[1] + blend * t1_real
