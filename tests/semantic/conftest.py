@@ -204,3 +204,45 @@ def phantom():
 FakeOpenAIServer.completion = staticmethod(completion)
 FakeOpenAIServer.view_answer = staticmethod(view_answer)
 FakeOpenAIServer.requested_view = staticmethod(requested_view)
+
+
+# --- the CLIP model shared by test_clip_train.py and test_priors_semantic.py -------------------
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2-thread OpenMP kernels spin and run ~20x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory, synthetic_cohort):
+    """Describe the cohort offline and train the test CLIP once per session (cached on disk)."""
+    from trifuse.io.cache import load_sample
+    from trifuse.io.manifest import read_manifest
+    from trifuse.semantic.clip import ClipConfig, data_fingerprint, save_clip, train_clip
+    from trifuse.semantic.describe import describe_cases, load_descriptions
+
+    config = ClipConfig(image_size=32, width=8, epochs=10, batch_size=32, seed=0)
+    data, cache = synthetic_cohort
+    base = tmp_path_factory.getbasetemp() / "semantic_shared"
+    ids = [c["case_id"] for c in read_manifest(cache)["cases"]]
+    desc_dir = base / "descriptions"
+    if len(load_descriptions(desc_dir) if desc_dir.is_dir() else {}) < len(ids):
+        describe_cases((load_sample(cache, c) for c in ids), "offline", desc_dir)
+    descriptions = load_descriptions(desc_dir)
+    ckpt = base / "clip.pt"
+    if not ckpt.exists():
+        import torch
+
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            res = train_clip(cache, descriptions, ids, config)
+        finally:
+            torch.set_num_threads(n)
+        save_clip(ckpt, res.model, fingerprint=data_fingerprint(descriptions, ids, config, cache))
+    return {"data": data, "cache": cache, "ids": ids, "descriptions": descriptions, "desc_dir": desc_dir, "ckpt": ckpt, "config": config}

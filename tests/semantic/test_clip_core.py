@@ -36,15 +36,6 @@ from trifuse.semantic.clip_data import (
 from trifuse.semantic.schema import ViewDescription
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2-thread OpenMP kernels spin and run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _unit(*rows):
     return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
 

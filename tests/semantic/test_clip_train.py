@@ -15,42 +15,6 @@ from trifuse.semantic.clip import (
 )
 from trifuse.semantic.clip_data import build_records, normal_text
 
-#: the shared test model (same settings in test_priors_semantic.py: the checkpoint is reused)
-TEST_CONFIG = ClipConfig(image_size=32, width=8, epochs=10, batch_size=32, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2-thread OpenMP kernels spin and run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def semantic_setup(tmp_path_factory, synthetic_cohort):
-    """Describe the cohort offline and train the test CLIP once per session (cached on disk)."""
-    from trifuse.io.manifest import read_manifest
-    from trifuse.semantic.describe import describe_cases, load_descriptions
-    from trifuse.io.cache import load_sample
-
-    data, cache = synthetic_cohort
-    base = tmp_path_factory.getbasetemp() / "semantic_shared"
-    ids = [c["case_id"] for c in read_manifest(cache)["cases"]]
-    desc_dir = base / "descriptions"
-    if len(load_descriptions(desc_dir) if desc_dir.is_dir() else {}) < len(ids):
-        describe_cases((load_sample(cache, c) for c in ids), "offline", desc_dir)
-    descriptions = load_descriptions(desc_dir)
-    ckpt = base / "clip.pt"
-    if not ckpt.exists():
-        res = train_clip(cache, descriptions, ids, TEST_CONFIG)
-        save_clip(ckpt, res.model, fingerprint=data_fingerprint(descriptions, ids, TEST_CONFIG, cache))
-    return {"data": data, "cache": cache, "ids": ids, "descriptions": descriptions, "desc_dir": desc_dir, "ckpt": ckpt}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, synthetic_cohort):
-    return semantic_setup(tmp_path_factory, synthetic_cohort)
 
 
 def test_pairs_are_label_free_lesion_and_normal_slices(setup):
@@ -73,7 +37,7 @@ def test_minilm_clip_loss_falls_and_heldout_recall_beats_chance(setup):
     payload = read_checkpoint(setup["ckpt"])
     m = payload["metrics"]
     hist = m["loss_history"]
-    assert len(hist) == TEST_CONFIG.epochs
+    assert len(hist) == setup["config"].epochs
     assert hist[-1] < 0.75 * hist[0]
     assert set(m["heldout_cases"]).isdisjoint(m["train_cases"]) and len(m["heldout_cases"]) == 2
     r = m["heldout"]
@@ -94,7 +58,7 @@ def test_checkpoint_roundtrip_gives_the_same_embeddings(setup):
         assert torch.equal(model.encode_image(x)[1], again.encode_image(x)[1])
         assert torch.allclose(model.encode_text(["Axial view: no focal abnormality."]),
                               again.encode_text(["Axial view: no focal abnormality."]))
-    assert model.config == TEST_CONFIG
+    assert model.config == setup["config"]
 
 
 def test_hf_backend_trains_on_pairs_from_a_local_tiny_clip(setup, tmp_path):

@@ -26,42 +26,6 @@ from trifuse.semantic.priors import (
     view_similarity,
 )
 
-#: same settings as test_clip_train.py, so one session trains one model
-TEST_CONFIG = ClipConfig(image_size=32, width=8, epochs=10, batch_size=32, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2-thread OpenMP kernels spin and run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def semantic_setup(tmp_path_factory, synthetic_cohort):
-    """Describe the cohort offline and train the test CLIP once per session (cached on disk)."""
-    from trifuse.io.cache import load_sample
-    from trifuse.io.manifest import read_manifest
-    from trifuse.semantic.describe import describe_cases, load_descriptions
-
-    data, cache = synthetic_cohort
-    base = tmp_path_factory.getbasetemp() / "semantic_shared"
-    ids = [c["case_id"] for c in read_manifest(cache)["cases"]]
-    desc_dir = base / "descriptions"
-    if len(load_descriptions(desc_dir) if desc_dir.is_dir() else {}) < len(ids):
-        describe_cases((load_sample(cache, c) for c in ids), "offline", desc_dir)
-    descriptions = load_descriptions(desc_dir)
-    ckpt = base / "clip.pt"
-    if not ckpt.exists():
-        res = train_clip(cache, descriptions, ids, TEST_CONFIG)
-        save_clip(ckpt, res.model, fingerprint=data_fingerprint(descriptions, ids, TEST_CONFIG, cache))
-    return {"data": data, "cache": cache, "ids": ids, "descriptions": descriptions, "desc_dir": desc_dir, "ckpt": ckpt}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, synthetic_cohort):
-    return semantic_setup(tmp_path_factory, synthetic_cohort)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +116,7 @@ def test_priors_shape_dtype_range_and_text(setup, priors):
         p = stored["prior"]
         assert p.dtype == np.float16 and p.shape == (3,) + reduced_shape(meta["cropped_shape"], 4)
         assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
-        assert stored["text"].dtype == np.float32 and stored["text"].shape == (TEST_CONFIG.embed_dim,)
+        assert stored["text"].dtype == np.float32 and stored["text"].shape == (setup["config"].embed_dim,)
         assert np.linalg.norm(stored["text"]) == pytest.approx(1.0, abs=1e-4)
         assert stored["meta"]["crop_box"] == meta["crop_box"] and stored["meta"]["factor"] == 4
 
@@ -269,7 +233,7 @@ def test_load_priors_in_the_patch_loader_gives_batchable_shapes(setup, priors):
                       augment=RandomAugment(rotate_prob=0.0), sample_transforms=[LoadPriors(out)])
     batch = collate_samples([ds[i] for i in range(3)])
     assert batch[keys.PRIOR].shape == (3, 3, 6, 6, 6) and batch[keys.PRIOR].dtype == torch.float16
-    assert batch[keys.TEXT].shape == (3, TEST_CONFIG.embed_dim)
+    assert batch[keys.TEXT].shape == (3, setup["config"].embed_dim)
     whole = CaseDataset(setup["cache"], setup["ids"][:1], [LoadPriors(out)])[0]
     stored = load_prior(prior_path(out, setup["ids"][0]))["prior"]
     assert torch.equal(whole[keys.PRIOR], torch.from_numpy(stored))
