@@ -28,10 +28,13 @@ import torch
 from trifuse import keys
 from trifuse.io.discovery import CaseRecord
 from trifuse.io.labels import convention, labels_to_regions
+from trifuse.io.nifti import disk_full_names
 from trifuse.io.validate import DecodedCase
 
-CACHE_VERSION = 2
-DEFAULT_MARGIN_MM = 8.0  # room outside the brain for the CT skull shell and US coupling medium
+CACHE_VERSION = 3  # 3: 12 mm margin (2 had 8 mm, thinner than the modelled scalp and skull)
+#: room outside the brain for the head layers of the pixel tier (CSF gap + skull + scalp of
+#: trifuse.physics.tissues.HeadConfig, 11.5 mm) and the US coupling medium
+DEFAULT_MARGIN_MM = 12.0
 MAX_FG_POINTS = 20000
 
 
@@ -113,27 +116,60 @@ def write_case(cache_dir: str | Path, case: DecodedCase, margin_mm: float = DEFA
         "intensity": dict(zip(keys.MODALITIES, stats)),
         "source": {k: str(v) for k, v in rec.images.items()} | ({"seg": str(rec.seg)} if rec.seg else {}),
         "fingerprint": fingerprint(rec),
+        "warnings": list(case.warnings),
+        "allowed_checks": sorted(set(case.allowed)),  # a rerun without --allow for these re-validates
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.", dir=cache_dir))
-    try:
-        np.save(tmp / "mri.npy", mri)
-        np.save(tmp / "seg.npy", seg)
-        np.save(tmp / "label.npy", labels_to_regions(seg, rec.year))
-        np.save(tmp / "brain.npy", brain_c.astype(np.uint8))
-        np.save(tmp / "fg.npy", fg.astype(np.int16))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        final = cache_dir / rec.case_id
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.old.", dir=cache_dir))
-            os.replace(final, trash / "case")
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with disk_full_names(cache_dir, f"cached case {rec.case_id}"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.", dir=cache_dir))
+        try:
+            for name, arr in (
+                ("mri", mri),
+                ("seg", seg),
+                ("label", labels_to_regions(seg, rec.year)),
+                ("brain", brain_c.astype(np.uint8)),
+                ("fg", fg.astype(np.int16)),
+            ):
+                with open(tmp / f"{name}.npy", "wb") as fh:
+                    np.save(fh, arr)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # data on disk before the rename publishes the case
+            # meta.json last: is_cached() trusts a folder only through it
+            with open(tmp / "meta.json", "w") as fh:
+                fh.write(json.dumps(meta, indent=1))
+                fh.flush()
+                os.fsync(fh.fileno())
+            final = cache_dir / rec.case_id
+            if final.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.old.", dir=cache_dir))
+                os.replace(final, trash / "case")
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return cache_dir / rec.case_id
+
+
+def sweep_stale(cache_dir: str | Path) -> list[Path]:
+    """Remove what a killed :func:`write_case` left behind (``.<case>.*`` temp folders).
+
+    They are never read (their names start with a dot and carry no ``meta.json`` under a
+    case id), so this only reclaims disk. Only call it when no other writer uses the folder.
+    """
+    removed = []
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return removed
+    for p in cache_dir.iterdir():
+        if p.name.startswith(".") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def read_meta(cache_dir: str | Path, case_id: str) -> dict:

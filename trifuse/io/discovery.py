@@ -38,6 +38,10 @@ class CaseRecord:
             modality is absent from the dict (validation reports it).
         seg: label file, or ``None`` for validation/test cases.
         missing: canonical modality names whose file was not found.
+        unexpected: for a missing modality (or ``"seg"``), NIfTI files of the folder that look
+            like it but do not carry the expected name (e.g. another case id or separator),
+            so the message can say which file is there and which name was expected.
+        stray: NIfTI files of the folder matched to nothing.
     """
 
     case_id: str
@@ -46,6 +50,12 @@ class CaseRecord:
     images: dict[str, Path] = field(default_factory=dict)
     seg: Path | None = None
     missing: list[str] = field(default_factory=list)
+    unexpected: dict[str, list[Path]] = field(default_factory=dict)
+    stray: list[Path] = field(default_factory=list)
+
+    def expected_name(self, modality: str) -> str:
+        """The file name ``modality`` (canonical name or ``"seg"``) should have in this case."""
+        return case_file_name(self.case_id, self.year, modality)
 
     @property
     def has_seg(self) -> bool:
@@ -64,12 +74,40 @@ def detect_year(case_id: str) -> int | None:
     return None
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+#: the other releases' names of each contrast, so a 2021-named file in a 2023 folder is recognised
+_SYNONYMS = {
+    name: {suffixes[i] for suffixes in keys.MODALITY_SUFFIXES.values()} for i, name in enumerate(keys.MODALITIES)
+} | {"seg": {"seg"}}
+
+
+def nifti_stem(name: str) -> str | None:
+    """``name`` without its NIfTI extension (matched case-insensitively), or ``None``."""
+    low = name.lower()
     for ext in _EXTS:
-        p = directory / f"{stem}{ext}"
-        if p.exists():
-            return p
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
     return None
+
+
+def _nifti_files(directory: Path) -> dict[str, Path]:
+    """Lower-cased stem → file, for the visible NIfTI files of ``directory``.
+
+    Extensions match case-insensitively (``*_t1.NII.GZ`` is a NIfTI file); when a stem
+    exists as both ``.nii.gz`` and ``.nii`` the compressed one wins, as before.
+    """
+    out: dict[str, Path] = {}
+    for p in sorted(directory.iterdir(), key=lambda q: (not q.name.lower().endswith(".gz"), q.name)):
+        stem = nifti_stem(p.name)
+        if stem is None or p.name.startswith(".") or not p.is_file():
+            continue
+        out.setdefault(stem.lower(), p)
+    return out
+
+
+def _looks_like(stem: str, modality: str) -> bool:
+    """True if a file stem ends with one of ``modality``'s suffixes after a separator."""
+    low = stem.lower()
+    return any(re.search(rf"(^|[-_. ]){re.escape(s)}$", low) for s in _SYNONYMS[modality])
 
 
 def case_record(directory: str | Path, year: int | None = None) -> CaseRecord:
@@ -86,13 +124,24 @@ def case_record(directory: str | Path, year: int | None = None) -> CaseRecord:
         raise ValueError(f"{directory}: folder name follows no BraTS layout (2020, 2021 or 2023)")
     sep = "-" if int(year) == 2023 else "_"
     rec = CaseRecord(case_id=case_id, year=int(year), directory=directory)
+    files = _nifti_files(directory)
+    used: set[str] = set()
     for name, suffix in zip(keys.MODALITIES, keys.MODALITY_SUFFIXES[int(year)]):
-        p = _find(directory, f"{case_id}{sep}{suffix}")
-        if p is None:
-            rec.missing.append(name)
+        stem = f"{case_id}{sep}{suffix}".lower()
+        if stem in files:
+            rec.images[name] = files[stem]
+            used.add(stem)
         else:
-            rec.images[name] = p
-    rec.seg = _find(directory, f"{case_id}{sep}seg")
+            rec.missing.append(name)
+    seg_stem = f"{case_id}{sep}seg".lower()
+    if seg_stem in files:
+        rec.seg = files[seg_stem]
+        used.add(seg_stem)
+    rec.stray = [p for s, p in files.items() if s not in used]
+    for name in rec.missing + ([] if rec.seg is not None else ["seg"]):
+        hits = [p for p in rec.stray if _looks_like(nifti_stem(p.name), name)]
+        if hits:
+            rec.unexpected[name] = hits
     return rec
 
 

@@ -1,17 +1,52 @@
 """NIfTI read/write that keeps affine and header, with clear errors and atomic writes."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 
+log = logging.getLogger(__name__)
+
+
 class DataError(ValueError):
     """A problem with an input file. The message names the file and the problem."""
+
+
+class OutOfSpaceError(OSError):
+    """The disk (or quota) of an output folder is full; the message names the folder."""
+
+
+#: errno values that mean "the output folder is full"
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def disk_full_names(folder: str | os.PathLike, what: str = ""):
+    """Turn ``ENOSPC``/``EDQUOT`` raised inside the block into :class:`OutOfSpaceError` naming ``folder``.
+
+    The writers below clean their temporary files up in ``finally`` blocks, so no partial
+    output remains; this only gives the failure a message a user can act on.
+    """
+    try:
+        yield
+    except OutOfSpaceError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        detail = f" while writing {what}" if what else ""
+        raise OutOfSpaceError(
+            f"{Path(folder)}: no space left on device{detail} ({os.strerror(exc.errno)}); "
+            "nothing partial was kept: free space there or write elsewhere"
+        ) from None
 
 
 @dataclass
@@ -23,12 +58,14 @@ class NiftiVolume:
         affine: 4×4 voxel → world (RAS+, mm) matrix.
         header: the original NIfTI header (copied on write so the output grid matches).
         path: source file.
+        notes: what reading changed, one line each (e.g. a squeezed 4-D singleton axis).
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
     path: Path
+    notes: list[str] = field(default_factory=list)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -71,9 +108,12 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> NiftiVolume:
             data = np.asarray(img.get_fdata(dtype=np.float32) if np.dtype(dtype).kind == "f" else img.dataobj, dtype=dtype)
     except Exception as exc:  # EOFError / zlib.error / OSError on truncated gzip
         raise DataError(f"{path}: corrupt or truncated data ({type(exc).__name__}: {exc})") from None
+    notes = []
     if data.ndim == 4:
         data = data[..., 0]
-    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+        notes.append(f"{path}: 4-D file of shape {tuple(shape)} with a singleton 4th axis; squeezed to 3-D {data.shape}")
+        log.warning(notes[-1])
+    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path, notes=notes)
 
 
 def atomic_path(path: Path) -> Path:
@@ -103,13 +143,14 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
         img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) or 1)
         # scaling from the source (e.g. float MRI) must not apply to labels
         img.header.set_slope_inter(1.0, 0.0)
-    tmp = atomic_path(path)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with disk_full_names(path.parent, path.name):
+        tmp = atomic_path(path)
+        try:
+            nib.save(img, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return path
 
 
@@ -117,16 +158,17 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     """Write bytes atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with disk_full_names(path.parent, path.name):
+        tmp = atomic_path(path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return path
 
 

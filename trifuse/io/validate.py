@@ -1,7 +1,9 @@
 """Case validation at the edge: every problem names the file and what is wrong."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -10,7 +12,27 @@ from trifuse.io.discovery import CaseRecord
 from trifuse.io.labels import convention
 from trifuse.io.nifti import DataError, NiftiVolume, read_nifti
 
+log = logging.getLogger(__name__)
+
 AFFINE_TOL_MM = 1e-3
+
+# --- content checks: an image can be a valid NIfTI and still be unusable --------------------
+#: check names that ``allow=`` (``trifuse preprocess --allow``) turns from errors into warnings
+CONTENT_CHECKS = ("constant", "small_brain", "coverage", "intensity_range")
+#: a brain mask (any contrast non-zero) below this fraction of the volume is "a few voxels":
+#: a BraTS brain fills ~16 % of the 240×240×155 grid; 1 % is ~90 mL at 1 mm, far below any brain
+MIN_BRAIN_FRACTION = 0.01
+#: ... or below this many voxels whatever the grid (a few voxels cannot be z-scored or cropped)
+MIN_BRAIN_VOXELS = 100
+#: a contrast non-zero on less than this fraction of the brain mask is blank or mis-registered
+#: (skull-stripped BraTS contrasts share one mask; dark CSF is low, not exactly zero)
+MIN_COVERAGE = 0.5
+#: a mask covering more than this fraction of the grid means no zero background (not skull-stripped)
+MAX_BRAIN_FRACTION = 0.95
+#: |intensity| above this is wrong scaling (scl_slope, overflow), not MRI
+MAX_ABS_INTENSITY = 1e7
+#: a contrast with at most this many distinct values inside the brain is a mask or label map
+MIN_DISTINCT_VALUES = 8
 
 
 class CaseValidationError(DataError):
@@ -29,28 +51,111 @@ class DecodedCase:
     record: CaseRecord
     images: list[NiftiVolume]  # canonical order T1, T1ce, T2, FLAIR
     seg: NiftiVolume | None
+    #: problems downgraded by ``allow=`` and notes such as a squeezed 4-D singleton, one line each
+    warnings: list[str] = field(default_factory=list)
+    #: the content checks that failed but were allowed (their names, :data:`CONTENT_CHECKS`)
+    allowed: list[str] = field(default_factory=list)
 
     @property
     def reference(self) -> NiftiVolume:
         return self.images[0]
 
 
-def decode_case(record: CaseRecord, require_seg: bool = False) -> DecodedCase:
+def _missing_message(record: CaseRecord, name: str) -> str:
+    what = "label file" if name == "seg" else f"modality {name}"
+    msg = f"missing {what} (expected file {record.directory / record.expected_name(name)}, or the same name ending .nii"
+    hits = record.unexpected.get(name)
+    if hits:
+        found = ", ".join(str(p) for p in hits)
+        return f"{msg}; found {found}, which looks like it but is not named {record.expected_name(name)}: rename it)"
+    return msg + ")"
+
+
+def content_problems(images: list[NiftiVolume]) -> list[tuple[str, str]]:
+    """Checks that a readable, finite image set is usable MRI: ``[(check, message), ...]``.
+
+    ``check`` is one of :data:`CONTENT_CHECKS`. The images must share one shape.
+
+    * ``constant``: a contrast that is all zeros or one value inside the brain (z-scoring it
+      would divide by zero and train on nothing);
+    * ``small_brain``: a brain mask (any contrast non-zero) of a few voxels, or one covering
+      the whole grid (no zero background: not skull-stripped as BraTS inputs are);
+    * ``coverage``: a contrast non-zero on under half of the brain mask (blank or shifted);
+    * ``intensity_range``: |values| above :data:`MAX_ABS_INTENSITY` (wrong scaling), or at
+      most :data:`MIN_DISTINCT_VALUES` distinct values (a mask or label map in a contrast slot).
+    """
+    out: list[tuple[str, str]] = []
+    if not images or len({v.data.shape for v in images}) != 1:
+        return out
+    nonzero = [v.data != 0 for v in images]
+    brain = np.logical_or.reduce(nonzero)
+    n_brain, n_total = int(brain.sum()), brain.size
+    ref = images[0].path
+    if n_brain < max(MIN_BRAIN_VOXELS, MIN_BRAIN_FRACTION * n_total):
+        out.append(
+            ("small_brain", f"{ref.parent}: brain mask (voxels non-zero in any contrast) has only {n_brain} of {n_total} voxels "
+             f"(< {MIN_BRAIN_FRACTION:.0%} or < {MIN_BRAIN_VOXELS}); no usable image")
+        )
+    elif n_brain > MAX_BRAIN_FRACTION * n_total:
+        out.append(
+            ("small_brain", f"{ref.parent}: brain mask covers {n_brain / n_total:.1%} of the grid: no zero background, "
+             "the images do not look skull-stripped (BraTS inputs are)")
+        )
+    for vol, nz in zip(images, nonzero):
+        data = vol.data
+        lo, hi = float(data.min()), float(data.max())
+        if lo == hi:
+            what = "all zeros" if hi == 0 else f"constant ({hi:g} everywhere)"
+            out.append(("constant", f"{vol.path}: image is {what}; no contrast to learn from"))
+            continue
+        if n_brain == 0:
+            continue
+        vals = data[brain]
+        sub = vals[:: max(1, vals.size // 200_000)]  # distinct values on a subsample: cheap at 240×240×155
+        if float(vals.min()) == float(vals.max()):
+            out.append(("constant", f"{vol.path}: constant ({float(vals.max()):g}) inside the brain mask; no contrast"))
+            continue
+        cov = float(nz[brain].mean())
+        if cov < MIN_COVERAGE:
+            out.append(("coverage", f"{vol.path}: non-zero on only {cov:.1%} of the brain mask (other contrasts cover it); blank or shifted image"))
+        if max(abs(lo), abs(hi)) > MAX_ABS_INTENSITY:
+            out.append(("intensity_range", f"{vol.path}: intensity range [{lo:.4g}, {hi:.4g}] is implausible for MRI (|value| > {MAX_ABS_INTENSITY:g}: wrong scaling?)"))
+        n_distinct = len(np.unique(sub))
+        if n_distinct <= MIN_DISTINCT_VALUES:
+            out.append(("intensity_range", f"{vol.path}: only {n_distinct} distinct values inside the brain: a mask or label map, not an MRI contrast"))
+    return out
+
+
+def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[str] = ()) -> DecodedCase:
     """Read and validate all files of a case, collecting every problem before failing.
 
-    Checks: missing modality (and seg if required), unreadable/corrupt/truncated file,
-    not 3-D, shape or affine mismatch between files, NaN/Inf in images, label values
-    outside the year's convention.
+    Checks: missing modality (and seg if required; a file under an unexpected name is
+    named), unreadable/corrupt/truncated file, not 3-D, shape or affine mismatch between
+    files, NaN/Inf in images, label values outside the year's convention, and the content
+    checks of :func:`content_problems` (all-zero/constant contrast, a brain mask of a few
+    voxels, implausible intensities).
+
+    Args:
+        record: the case on disk.
+        require_seg: a missing label file is an error.
+        allow: names from :data:`CONTENT_CHECKS` whose failures become warnings
+            (``DecodedCase.warnings``, also logged) instead of errors.
 
     Raises:
         CaseValidationError: listing every problem, each naming its file.
+        ValueError: an unknown name in ``allow``.
     """
+    allow = set(allow)
+    unknown = allow - set(CONTENT_CHECKS)
+    if unknown:
+        raise ValueError(f"unknown check(s) to allow: {sorted(unknown)}; choose from {list(CONTENT_CHECKS)}")
     problems: list[str] = []
+    warnings: list[str] = []
+    allowed: list[str] = []
     for name in record.missing:
-        suffix = keys.MODALITY_SUFFIXES[record.year][keys.MODALITIES.index(name)]
-        problems.append(f"missing modality {name} (expected file {record.case_id}*{suffix}.nii[.gz] in {record.directory})")
+        problems.append(_missing_message(record, name))
     if require_seg and record.seg is None:
-        problems.append(f"missing label file (expected {record.case_id}*seg.nii[.gz] in {record.directory})")
+        problems.append(_missing_message(record, "seg"))
 
     images: list[NiftiVolume] = []
     for name in keys.MODALITIES:
@@ -62,6 +167,7 @@ def decode_case(record: CaseRecord, require_seg: bool = False) -> DecodedCase:
         except DataError as exc:
             problems.append(str(exc))
             continue
+        warnings += vol.notes
         if not np.isfinite(vol.data).all():
             n_bad = int((~np.isfinite(vol.data)).sum())
             problems.append(f"{path}: contains {n_bad} NaN/Inf voxels")
@@ -74,6 +180,7 @@ def decode_case(record: CaseRecord, require_seg: bool = False) -> DecodedCase:
         except DataError as exc:
             problems.append(str(exc))
         else:
+            warnings += seg.notes
             if not np.issubdtype(seg.data.dtype, np.integer):
                 if not np.isfinite(seg.data).all() or not np.all(seg.data == np.round(seg.data)):
                     problems.append(f"{record.seg}: label map holds non-integer values")
@@ -95,6 +202,15 @@ def decode_case(record: CaseRecord, require_seg: bool = False) -> DecodedCase:
                 problems.append(f"{v.path}: shape {v.data.shape} does not match {ref.path.name} shape {ref.data.shape}")
             elif not np.allclose(v.affine, ref.affine, atol=AFFINE_TOL_MM):
                 problems.append(f"{v.path}: affine does not match {ref.path.name} (max diff {np.abs(v.affine - ref.affine).max():.4g} mm)")
+    finite = [v for v in images if not any(str(v.path) in p and "NaN/Inf" in p for p in problems)]
+    if finite:
+        for check, msg in content_problems(finite):
+            if check in allow:
+                warnings.append(f"{msg} [allowed: {check}]")
+                allowed.append(check)
+                log.warning("%s: %s", record.case_id, warnings[-1])  # (read_nifti logs its own notes)
+            else:
+                problems.append(f"{msg} [check {check}; --allow {check} to accept]")
     if problems:
         raise CaseValidationError(record.case_id, problems)
-    return DecodedCase(record=record, images=images, seg=seg)
+    return DecodedCase(record=record, images=images, seg=seg, warnings=warnings, allowed=allowed)
