@@ -8,7 +8,10 @@ Running it twice rewrites the same files.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from lightning_app.stages import StageError
 
 
 def resolve_data(data: str) -> Path:
@@ -23,7 +26,7 @@ def run(args) -> int:
     from trifuse.metrics.report import evaluate_folder
 
     out = Path(args.out) if args.out else Path(args.pred)
-    evaluate_folder(
+    summary = evaluate_folder(
         args.pred,
         resolve_data(args.data),
         out,
@@ -33,6 +36,15 @@ def run(args) -> int:
         print_table=True,
     )
     print(f"evaluate: per_case.csv and summary.json in {out}")
+    bad = {**summary["invalid_predictions"], **summary["invalid_references"]}
+    if bad:
+        for case_id, why in sorted(bad.items()):
+            print(f"INVALID {case_id}: {why}", file=sys.stderr)
+        first = sorted(bad.items())[0]
+        raise StageError(
+            f"{len(bad)} case(s) with an unusable file (scores written, see summary.json): {first[0]}: {first[1]}"
+            + (f" (and {len(bad) - 1} more, see above)" if len(bad) > 1 else "")
+        )
     return 0
 
 

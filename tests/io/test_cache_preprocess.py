@@ -107,3 +107,17 @@ def test_stale_cache_removed_when_case_breaks(tiny_dataset, tmp_path):
     (root / "BraTS2021_00000" / "BraTS2021_00000_t2.nii.gz").write_bytes(b"garbage")
     report = preprocess(root, cache)
     assert "BraTS2021_00000" in report.invalid and not (cache / "BraTS2021_00000").exists()
+
+
+def test_preprocess_workers_write_the_same_cache(tiny_dataset, tmp_path):
+    """Two worker processes produce byte-identical cached arrays and the same manifest as one."""
+    root = tiny_dataset(2021, 3)
+    one, two = tmp_path / "c1", tmp_path / "c2"
+    r1 = preprocess(root, one, workers=1)
+    r2 = preprocess(root, two, workers=2)
+    assert r1.written == r2.written == sorted(r1.written) and len(r1.written) == 3
+    for cid in r1.written:
+        for name in ("mri", "seg", "label", "brain", "fg"):
+            assert (one / cid / f"{name}.npy").read_bytes() == (two / cid / f"{name}.npy").read_bytes()
+    m1, m2 = read_manifest(one), read_manifest(two)
+    assert m1["cases"] == m2["cases"] and m1["folds"] == m2["folds"]

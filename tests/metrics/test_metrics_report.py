@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from trifuse import keys
-from trifuse.io.nifti import DataError
 from trifuse.metrics.report import evaluate_folder
 
 SHAPE = (16, 16, 12)
@@ -124,8 +124,10 @@ def test_shape_mismatch_names_file(tmp_path):
     data, pred = tmp_path / "data", tmp_path / "pred"
     c0 = write_case(data, 2021, 0, label_map(2021, wt=BOX), with_images=False)
     save(pred / f"{c0}.nii.gz", np.zeros((16, 16, 10), np.uint8))
-    with pytest.raises(DataError, match=rf"{c0}\.nii\.gz: shape .* differs"):
-        evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    # the case is scored as a missing prediction and listed with the reason, naming the file
+    summary = evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    assert re.search(rf"{c0}\.nii\.gz: shape .* differs", summary["invalid_predictions"][c0])
+    assert summary["dice_WT"] == 0.0 and summary["hd95_WT"] == pytest.approx(keys.HD95_EMPTY_MM)
 
 
 def test_affine_mismatch_names_file(tmp_path):
@@ -134,8 +136,10 @@ def test_affine_mismatch_names_file(tmp_path):
     shifted = np.diag([1.0, 1.0, 1.0, 1.0])
     shifted[0, 3] = 5.0
     save(pred / f"{c0}.nii.gz", label_map(2023, wt=BOX), affine=shifted)
-    with pytest.raises(DataError, match=rf"{c0}\.nii\.gz: affine differs"):
-        evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    # the case is scored as a missing prediction and listed with the reason, naming the file
+    summary = evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    assert re.search(rf"{c0}\.nii\.gz: affine differs", summary["invalid_predictions"][c0])
+    assert summary["dice_WT"] == 0.0 and summary["hd95_WT"] == pytest.approx(keys.HD95_EMPTY_MM)
 
 
 def test_wrong_label_convention_names_file(tmp_path):
@@ -143,8 +147,10 @@ def test_wrong_label_convention_names_file(tmp_path):
     data, pred = tmp_path / "data", tmp_path / "pred"
     c0 = write_case(data, 2023, 0, label_map(2023, wt=BOX), with_images=False)
     save(pred / f"{c0}.nii.gz", label_map(2021, wt=BOX, et=CORE))
-    with pytest.raises(DataError, match=r"unexpected label values \[4\]"):
-        evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    # the case is scored as a missing prediction and listed with the reason, naming the file
+    summary = evaluate_folder(pred, data, tmp_path / "out", print_table=False)
+    assert re.search(r"unexpected label values \[4\]", summary["invalid_predictions"][c0])
+    assert summary["dice_WT"] == 0.0 and summary["hd95_WT"] == pytest.approx(keys.HD95_EMPTY_MM)
 
 
 def test_no_reference_at_all(tmp_path):

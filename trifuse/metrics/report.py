@@ -67,6 +67,19 @@ def _label_map(path: Path, year: int, what: str) -> tuple[np.ndarray, np.ndarray
     return data.astype(np.uint8), vol.affine, vol.spacing
 
 
+def _checked_prediction(path: Path, rec, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The label map at ``path``, or :class:`DataError` naming the file if it cannot be scored."""
+    pred, pred_affine, _ = _label_map(path, rec.year, "prediction")
+    if pred.shape != shape:
+        raise DataError(f"{path}: shape {pred.shape} differs from the reference {rec.seg} shape {shape}")
+    if not np.allclose(pred_affine, affine, atol=_AFFINE_ATOL):
+        raise DataError(
+            f"{path}: affine differs from the reference {rec.seg} "
+            f"(max abs difference {np.abs(pred_affine - affine).max():.4g}); predictions must be on the input grid"
+        )
+    return pred
+
+
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
@@ -122,7 +135,12 @@ def format_table(summary: dict, regions: Sequence[str] = keys.REGIONS) -> str:
         lines.append(f"{reg:<8}{cell(s['dice'], 4):>20}{cell(s['hd95'], 2):>22}")
     lines.append(f"{'mean':<8}{cell(summary['overall']['dice'], 4):>20}{cell(summary['overall']['hd95'], 2):>22}")
     n, miss = summary.get("n_cases", 0), summary.get("n_missing", 0)
-    lines.append(f"{n} cases" + (f", {miss} missing predictions scored as empty" if miss else ""))
+    bad = summary.get("n_invalid", 0)
+    lines.append(
+        f"{n} cases"
+        + (f", {miss} missing predictions scored as empty" if miss else "")
+        + (f", {bad} invalid predictions scored as missing" if bad else "")
+    )
     return "\n".join(lines)
 
 
@@ -177,10 +195,20 @@ def evaluate_folder(
     Returns:
         the summary dict written to ``summary.json``.
 
+    A bad file fails its own case only, and every case is accounted for in the summary:
+
+    * missing prediction: scored as an empty one (Dice 0 / HD95 373.13 mm where the
+      reference is not empty), listed in ``missing_predictions``;
+    * unreadable or truncated prediction, wrong shape or affine, labels outside the year's
+      convention: scored as missing, listed with the reason (naming the file) in
+      ``invalid_predictions``;
+    * empty reference: scored by the BraTS empty rules, listed in ``empty_references``;
+    * unreadable reference or one with bad labels: not scored, listed in ``invalid_references``.
+
+    Cases are read one at a time, so memory does not grow with the number of cases.
+
     Raises:
         FileNotFoundError: ``pred_dir`` or ``data_dir`` does not exist.
-        DataError: a prediction whose shape or affine differs from its reference, an
-            unreadable file, or unexpected label values (the message names the file).
         ValueError: no case with a reference segmentation.
     """
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
@@ -196,24 +224,29 @@ def evaluate_folder(
     rows: list[dict] = []
     lesion_rows: list[dict] = []
     missing: list[str] = []
+    invalid_pred: dict[str, str] = {}
+    invalid_ref: dict[str, str] = {}
+    empty_ref: list[str] = []
     for rec in scored:
-        gt, gt_affine, spacing = _label_map(rec.seg, rec.year, "reference")
+        # one case at a time (stream): a bad file fails its case, named, never the folder
+        try:
+            gt, gt_affine, spacing = _label_map(rec.seg, rec.year, "reference")
+        except DataError as exc:
+            invalid_ref[rec.case_id] = str(exc)  # nothing to score against: listed, not scored
+            continue
+        if not gt.any():
+            empty_ref.append(rec.case_id)  # scored by the BraTS empty rules (both empty → 1 / 0 mm)
         pred_path = _find_prediction(pred_dir, rec.case_id)
+        pred = None
         if pred_path is None:
             missing.append(rec.case_id)
-            pred = np.zeros_like(gt)  # BraTS scores a missing prediction as an empty one
         else:
-            pred, pred_affine, _ = _label_map(pred_path, rec.year, "prediction")
-            if pred.shape != gt.shape:
-                raise DataError(
-                    f"{pred_path}: shape {pred.shape} differs from the reference {rec.seg} shape {gt.shape}"
-                )
-            if not np.allclose(pred_affine, gt_affine, atol=_AFFINE_ATOL):
-                raise DataError(
-                    f"{pred_path}: affine differs from the reference {rec.seg} "
-                    f"(max abs difference {np.abs(pred_affine - gt_affine).max():.4g}); "
-                    "predictions must be on the input grid"
-                )
+            try:
+                pred = _checked_prediction(pred_path, rec, gt.shape, gt_affine)
+            except DataError as exc:
+                invalid_pred[rec.case_id] = str(exc)
+        if pred is None:
+            pred = np.zeros_like(gt)  # BraTS scores a missing (or unusable) prediction as an empty one
         res = region_dice_hd95(
             labels_to_regions(pred, rec.year),
             labels_to_regions(gt, rec.year),
@@ -242,10 +275,14 @@ def evaluate_folder(
     summary = summarize(rows)
     summary.update(
         {
-            "n_cases": len(scored),
-            "n_evaluated": len(scored) - len(missing),
+            "n_cases": len(scored) - len(invalid_ref),
+            "n_evaluated": len(scored) - len(invalid_ref) - len(missing) - len(invalid_pred),
             "n_missing": len(missing),
             "missing_predictions": missing,
+            "n_invalid": len(invalid_pred),
+            "invalid_predictions": invalid_pred,
+            "invalid_references": invalid_ref,
+            "empty_references": empty_ref,
             "unmatched_predictions": sorted(_prediction_ids(pred_dir) - known),
             "cases_without_reference": no_reference,
             "year": scored[0].year,
@@ -255,6 +292,8 @@ def evaluate_folder(
                 "both_empty": {"dice": 1.0, "hd95": 0.0},
                 "one_empty": {"dice": 0.0, "hd95": float(empty_hd95)},
                 "missing_prediction": "scored as an empty prediction",
+                "invalid_prediction": "unreadable, wrong shape/affine or labels outside the convention: scored as missing and listed",
+                "invalid_reference": "not scored, listed",
                 "hd95_mode": hd95_mode,
                 "hd95_units": "mm (NIfTI zooms)",
                 "std": "sample standard deviation (ddof=1)",
@@ -276,5 +315,9 @@ def evaluate_folder(
     if print_table:
         print(format_table(summary))
         if missing:
-            print("missing predictions: " + ", ".join(missing))
+            print("missing predictions (scored as empty): " + ", ".join(missing))
+        for cid, why in invalid_pred.items():
+            print(f"invalid prediction of {cid} (scored as missing): {why}")
+        for cid, why in invalid_ref.items():
+            print(f"invalid reference of {cid} (not scored): {why}")
     return summary
