@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_app.cli import main
-from lightning_app.stages.predict import prepare_case
+from trifuse.inference import prepare_case
 from trifuse import keys
 from trifuse.io.cache import DEFAULT_MARGIN_MM, brain_box, load_sample
 from trifuse.io.discovery import case_file_name, discover_cases
