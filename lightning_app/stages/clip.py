@@ -16,16 +16,21 @@ def run(args) -> int:
                                        train_clip)
     from trifuse.semantic.clip_data import default_clip_dir, default_descriptions_dir, resolve_cache
     from trifuse.semantic.describe import load_descriptions
+    from trifuse.semantic.provenance import DescriberMismatchError
 
     if args.backend == "hf" and not args.pretrained:
         raise StageError("--backend hf needs --pretrained HUB_ID_OR_DIR (a local CLIP folder or a cached hub id)")
     cache_dir, case_ids = resolve_cache(args.data, args.cache)
     desc_dir = Path(args.descriptions) if args.descriptions else default_descriptions_dir(args.data)
-    descriptions = load_descriptions(desc_dir) if desc_dir.is_dir() else {}
+    try:  # one describer per set: a mixture (stale files of another describer) is refused, naming the cases
+        descriptions = load_descriptions(desc_dir) if desc_dir.is_dir() else {}
+    except DescriberMismatchError as exc:
+        raise StageError(str(exc)) from None
     missing = [c for c in case_ids if c not in descriptions]
     if missing:
         raise StageError(f"{len(missing)} case(s) have no description in {desc_dir}: {', '.join(missing[:10])}"
-                         f"{' …' if len(missing) > 10 else ''} (run `trifuse describe --data {args.data}` first)")
+                         f"{' …' if len(missing) > 10 else ''} by its describer (run `trifuse describe --data {args.data}`; "
+                         f"failed views are listed in {desc_dir}/failures.jsonl)")
     config = ClipConfig(backend=args.backend, pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr if args.lr is not None else (2e-3 if args.backend == "minilm" else 1e-5),
                         image_size=args.image_size, embed_dim=args.embed_dim, width=args.width,

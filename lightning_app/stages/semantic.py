@@ -10,23 +10,31 @@ from lightning_app.stages import StageError, progress
 def run(args) -> int:
     from trifuse.semantic.clip_data import default_clip_dir, default_descriptions_dir, default_priors_dir, resolve_cache
     from trifuse.semantic.describe import load_descriptions
+    from trifuse.semantic.provenance import DescriberMismatchError
     from trifuse.semantic.priors import PriorConfig, compute_priors
 
     cache_dir, case_ids = resolve_cache(args.data, args.cache)
     desc_dir = Path(args.descriptions) if args.descriptions else default_descriptions_dir(args.data)
-    descriptions = load_descriptions(desc_dir) if desc_dir.is_dir() else {}
+    try:  # one describer per set: a mixture (stale files of another describer) is refused, naming the cases
+        descriptions = load_descriptions(desc_dir) if desc_dir.is_dir() else {}
+    except DescriberMismatchError as exc:
+        raise StageError(str(exc)) from None
     missing = [c for c in case_ids if c not in descriptions]
     if missing:
         raise StageError(f"{len(missing)} case(s) have no description in {desc_dir}: {', '.join(missing[:10])}"
-                         f"{' …' if len(missing) > 10 else ''} (run `trifuse describe --data {args.data}` first)")
+                         f"{' …' if len(missing) > 10 else ''} by its describer (run `trifuse describe --data {args.data}`; "
+                         f"failed views are listed in {desc_dir}/failures.jsonl)")
     ckpt = Path(args.clip) if args.clip else default_clip_dir(args.data) / "clip.pt"
     if not ckpt.exists():
         raise StageError(f"{ckpt}: no CLIP checkpoint (run `trifuse clip --data {args.data}` or pass --clip)")
     out = Path(args.out) if args.out else default_priors_dir(args.data)
     config = PriorConfig(factor=args.factor, description_weight=args.description_weight, slice_step=args.slice_step,
                          device=args.device)
-    report = compute_priors(cache_dir, descriptions, ckpt, out, case_ids, config, force=args.force,
-                            progress=progress("semantic"))
+    try:
+        report = compute_priors(cache_dir, descriptions, ckpt, out, case_ids, config, force=args.force,
+                                progress=progress("semantic"))
+    except DescriberMismatchError as exc:
+        raise StageError(str(exc)) from None
     line = (f"priors: {len(report.written)} written, {len(report.skipped)} up to date, {len(report.failed)} failed; "
             f"{report.seconds_per_case:.2f} s per case; in {out}")
     aucs = [v for v in report.auc_wt.values() if v == v]

@@ -41,7 +41,7 @@ def test_semantic_stages_end_to_end_and_resume(cohort, capsys, monkeypatch):
     # describe: preprocesses on the fly, then the offline describer (no key)
     assert main(["describe", "--data", d]) == 0
     out = capsys.readouterr().out
-    assert "backend=offline" in out and "described 12" in out and "descriptions of 4/4" in out
+    assert "describer offline/trifuse-offline" in out and "described 12" in out and "descriptions of 4/4" in out
     assert (root / "data" / "cache" / "synthetic" / "manifest.json").exists()
     assert len(list((root / "data" / "descriptions" / "synthetic").glob("BraTS2021_*.json"))) == 4
     assert main(["describe", "--data", d]) == 0

@@ -147,7 +147,7 @@ def test_key_never_leaks(fake_openai, api_key, phantom, tmp_path, caplog):
     fake_openai.script = script
     d = _describer(fake_openai)
     s = describe_cases(_cases(phantom, 1), d, tmp_path)
-    assert s.failed == 1 and s.failures[0]["kind"] == "http_error" and s.failures[0]["attempts"] == 1
+    assert s.failed == 1 and s.failures[0]["kind"] == "auth" and s.failures[0]["attempts"] == 1
     assert "REDACTED" in s.failures[0]["message"]
     secret = api_key.encode()
     assert api_key not in caplog.text

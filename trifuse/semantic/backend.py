@@ -27,6 +27,11 @@ def redact(text: str, env: str = API_KEY_ENV) -> str:
     return _KEY_PATTERN.sub("sk-[REDACTED]", text)
 
 
+#: failure kinds that no retry and no other view will fix: they stop a run (the breaker)
+FATAL_KINDS = frozenset({"auth", "permission", "not_found", "no_image_input", "unsupported_response_format",
+                         "insufficient_quota"})
+
+
 class MissingAPIKeyError(RuntimeError):
     """The OpenAI backend was requested but the key variable is not set."""
 
@@ -38,7 +43,9 @@ class DescribeError(RuntimeError):
         message: human-readable reason (already redacted).
         kind: machine-readable category: ``rate_limited``, ``server_error``,
             ``timeout``, ``connection``, ``http_error``, ``invalid_response``, ``invalid_json``, ``schema``,
-            ``wrong_view``, ``refusal``, ``truncated``, ``empty``.
+            ``wrong_view``, ``refusal``, ``truncated``, ``empty``; the fatal kinds ``auth``,
+            ``permission``, ``not_found``, ``no_image_input``, ``unsupported_response_format``,
+            ``insufficient_quota``; ``aborted`` (not sent: the run stopped); ``refusal_capped``.
         attempts: HTTP requests made for this view.
         status: last HTTP status, if any.
     """
@@ -64,6 +71,8 @@ class ViewOutcome:
         prompt_tokens, completion_tokens: tokens billed for the successful request.
         cost_usd: cost of all attempts that returned usage.
         response_model: model name the server reported.
+        response_format: how the answer was constrained (``json_schema``, ``json_object``,
+            ``prompt``; ``None`` for the offline describer).
     """
 
     description: ViewDescription
@@ -72,6 +81,7 @@ class ViewOutcome:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     response_model: str | None = None
+    response_format: str | None = None
 
 
 @dataclass

@@ -6,8 +6,9 @@ Layout under a describe output folder ``OUT``::
     OUT/failures/<case>__<view>.json   the last failure of a view; removed when it succeeds
     OUT/failures.jsonl        report of current failures, rewritten at the end of a run
 
-``key = sha256(json([case_id, view, image_hash, model, prompt_version]))``: a new
-image, model or prompt gives a new key, the same ones give a cache hit. Writes are
+``key = sha256(json([case_id, view, image_hash, model, prompt_version, request_params]))``:
+a new image, model, prompt text or request setting gives a new key, the same ones give
+a cache hit. Writes are
 atomic (temporary file in the same folder, fsync, ``os.replace``), so an interrupted
 run leaves either the old file or the new one, and the next run resumes.
 """
@@ -29,9 +30,18 @@ from trifuse.semantic.schema import ViewDescription
 log = logging.getLogger(__name__)
 
 
-def cache_key(case_id: str, view: str, image_hash: str, model: str, prompt_version: str) -> str:
-    """Hex sha256 of ``(case_id, view, image_hash, model, prompt_version)``."""
-    payload = json.dumps([str(case_id), str(view), str(image_hash), str(model), str(prompt_version)])
+def cache_key(case_id: str, view: str, image_hash: str, model: str, prompt_version: str,
+              params: dict[str, Any] | None = None) -> str:
+    """Hex sha256 of ``(case_id, view, image_hash, model, prompt_version[, params])``.
+
+    ``params`` is the describer's :meth:`request_params`: every request setting that
+    can change the answer (base_url, detail, max_tokens, temperature, response format,
+    extra request arguments) and the hash of the prompt text itself.
+    """
+    items: list[Any] = [str(case_id), str(view), str(image_hash), str(model), str(prompt_version)]
+    if params:
+        items.append(params)
+    payload = json.dumps(items, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -415,6 +415,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.config: ClipConfig | None = None
         self.metrics: dict[str, Any] = {}
+        self.describer: dict[str, Any] | None = None  #: identity of the describer of its training texts
 
     def scale(self) -> torch.Tensor:
         """``exp(s)``, clamped at 100."""
@@ -783,8 +784,12 @@ def train_clip(cache_dir: str | Path, descriptions: Mapping[str, Any], case_ids:
     val_rec = build_records(cache_dir, descriptions, val_ids, **kw)
     if not train_rec:
         raise ValueError("no training pairs (are the descriptions empty?)")
+    from trifuse.semantic.provenance import single_identity
+
     model = model or build_model(config)
     model.config = config
+    # provenance: the one describer of the training texts (a mixture is refused)
+    model.describer = single_identity({c: descriptions[c] for c in case_ids if c in descriptions})
     device = resolve_device(config.device)
     model.to(device)
     ds = ClipPairDataset(train_rec, cache_dir, model.image_size, config.prompt_prob, config.seed)
@@ -892,6 +897,7 @@ def save_clip(path: str | Path, model: DualEncoder, fingerprint: str = "", extra
         "model": model.export(),
         "metrics": copy.deepcopy(model.metrics),
         "fingerprint": fingerprint,
+        "describer": getattr(model, "describer", None),
         **(dict(extra) if extra else {}),
     }
     buf = io.BytesIO()
@@ -920,16 +926,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_clip(path: str | Path, device: str | torch.device | None = "cpu") -> DualEncoder:
     """Rebuild a dual encoder (eval mode, on ``device``; ``"auto"``: CUDA if available) from :func:`save_clip`'s file."""
-    payload = read_checkpoint(path)
+    return model_from_payload(read_checkpoint(path), device, where=str(path))
+
+
+def model_from_payload(payload: Mapping[str, Any], device: str | torch.device | None = "cpu",
+                       where: str = "CLIP checkpoint") -> DualEncoder:
+    """Rebuild a dual encoder from an in-memory checkpoint payload (e.g. one embedded in a student)."""
     backend = payload["backend"]
     if backend == "minilm":
         model: DualEncoder = MiniLMClip.from_export(payload["model"])
     elif backend == "hf":
         model = HFClip.from_export(payload["model"])
     else:
-        raise ValueError(f"{path}: unknown backend {backend!r}")
+        raise ValueError(f"{where}: unknown backend {backend!r}")
     model.config = ClipConfig.from_dict(payload.get("config", {}))
     model.metrics = payload.get("metrics", {})
+    model.describer = payload.get("describer")
     return model.to(resolve_device(device)).eval()
 
 
@@ -944,6 +956,7 @@ def file_sha256(path: str | Path) -> str:
 def data_fingerprint(descriptions: Mapping[str, Any], case_ids: Sequence[str], config: ClipConfig,
                      cache_dir: str | Path | None = None) -> str:
     """Hash of what a training run depends on: config, cases, their texts and cache fingerprints."""
+    from trifuse.semantic.provenance import description_identity, identity_key
     from trifuse.semantic.schema import to_text
 
     items = []
@@ -954,7 +967,8 @@ def data_fingerprint(descriptions: Mapping[str, Any], case_ids: Sequence[str], c
             meta_p = Path(cache_dir) / cid / "meta.json"
             if meta_p.exists():
                 src = json.loads(meta_p.read_text()).get("fingerprint")
-        items.append([cid, to_text(d) if d is not None else None, src])
+        who = list(identity_key(description_identity(d))) if d is not None else None  # who described it, too
+        items.append([cid, to_text(d) if d is not None else None, src, who])
     settings = {k: v for k, v in asdict(config).items() if k != "device"}  # where it runs is not what it learns
     blob = json.dumps({"config": settings, "cases": items}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

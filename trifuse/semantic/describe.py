@@ -13,6 +13,18 @@ Output folder::
     OUT/cache/<key>.json        per-view cache entries
     OUT/failures/…, OUT/failures.jsonl   current failures
     OUT/describe_summary.json   counts, tokens, cost of the last (non-dry) run
+    OUT/describe_manifest.json  the describer identity and the status of every case it
+                                described (``clip``/``semantic`` read only these; see
+                                :func:`load_descriptions`)
+
+Fail fast: the first uncached view is sent alone (the **preflight**: auth, model, image
+input and response format in one real request); when it fails for a reason that is not
+about this one image, nothing else is sent. During the run a **breaker** stops after
+``breaker_threshold`` failures of a fatal kind (401, 403, 404, no image input,
+unsupported response format, ``insufficient_quota``) or as many transport failures in
+a row; views not sent are counted as ``skipped``, not recorded as failures, and nothing
+is cached as a success. A view the model refused ``max_refusals`` times (same cache
+key) is not requested again unless ``retry_refused``.
 """
 from __future__ import annotations
 
@@ -26,15 +38,22 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from trifuse import keys
-from trifuse.semantic.backend import API_KEY_ENV, DescribeError, Describer, redact
-from trifuse.semantic.cache import DescriptionCache, atomic_write_json, cache_key
+from trifuse.semantic.backend import API_KEY_ENV, FATAL_KINDS, DescribeError, Describer, redact
+from trifuse.semantic.cache import DescriptionCache, atomic_write_json, cache_key, now_iso
+from trifuse.semantic.provenance import (DescriberMismatchError, describer_identity, description_identity,  # noqa: F401
+                                         format_identity, same_describer, single_identity)
 from trifuse.semantic.schema import VIEWS, Description, SliceRef, ViewDescription
 from trifuse.semantic.slices import ViewSlice, extract_view_slices, find_abnormality, sample_arrays
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "describe_summary.json"
-_RESERVED = {Path(SUMMARY_NAME).stem}
+MANIFEST_NAME = "describe_manifest.json"
+_RESERVED = {Path(SUMMARY_NAME).stem, Path(MANIFEST_NAME).stem}
+#: answers that say nothing about the server (a bad image, an odd answer): they never trip the preflight
+CONTENT_KINDS = frozenset({"refusal", "invalid_json", "schema", "wrong_view", "truncated", "empty"})
+#: seconds per request assumed by a dry run's ETA when no earlier run measured it
+ASSUMED_SECONDS_PER_REQUEST = 6.0
 
 
 @dataclass
@@ -43,12 +62,19 @@ class DescribeSummary:
 
     Attributes:
         backend, model, prompt_version, dry_run, out_dir: the run's settings.
+        describer: the describer identity (:mod:`trifuse.semantic.provenance`).
         cases: cases seen; cases_complete: cases with every view described (file written).
         views: (case, view) pairs seen; described: newly described this run; cached:
-            served from the cache; failed: failed this run.
+            served from the cache; failed: failed this run; skipped: not sent because
+            the run stopped; refusal_capped: refused too often before, not re-requested.
         requests, retries, prompt_tokens, completion_tokens, cost_usd: backend usage.
         would_request, est_prompt_tokens, est_completion_tokens, est_cost_usd: dry-run
-            estimates for the uncached views.
+            estimates for the uncached views; est_seconds: their ETA at the run's
+            concurrency, from ``seconds_per_request`` (measured by an earlier run in
+            the same folder, or :data:`ASSUMED_SECONDS_PER_REQUEST`).
+        price_source: where the prices come from (table row, given, or 0 for local servers).
+        fallbacks: request changes the server forced (response format, options).
+        aborted: why the run stopped early (``None``: it did not).
         failures: ``{case_id, view, kind, message, attempts, status}`` per failure this run.
         elapsed_s: wall time.
     """
@@ -58,12 +84,15 @@ class DescribeSummary:
     prompt_version: str
     dry_run: bool
     out_dir: str
+    describer: dict[str, Any] = field(default_factory=dict)
     cases: int = 0
     cases_complete: int = 0
     views: int = 0
     described: int = 0
     cached: int = 0
     failed: int = 0
+    skipped: int = 0
+    refusal_capped: int = 0
     requests: int = 0
     retries: int = 0
     prompt_tokens: int = 0
@@ -73,40 +102,68 @@ class DescribeSummary:
     est_prompt_tokens: int = 0
     est_completion_tokens: int = 0
     est_cost_usd: float = 0.0
+    est_seconds: float = 0.0
+    seconds_per_request: float = 0.0
+    concurrency: int = 1
+    batch: bool = False
+    price_source: str = ""
+    fallbacks: list[str] = field(default_factory=list)
+    aborted: str | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """No view failed in this run."""
-        return self.failed == 0
+        """No view failed and the run was not stopped."""
+        return self.failed == 0 and self.aborted is None and self.skipped == 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("cost_usd", "est_cost_usd"):
             d[k] = round(d[k], 6)
-        d["elapsed_s"] = round(d["elapsed_s"], 3)
+        for k in ("elapsed_s", "est_seconds", "seconds_per_request"):
+            d[k] = round(d[k], 3)
         return d
 
     def format(self) -> str:
-        """Human-readable multi-line summary (for the CLI)."""
+        """Human-readable multi-line summary (for the CLIs)."""
         lines = [
-            f"backend={self.backend} model={self.model} prompt={self.prompt_version}"
-            + (" (dry run)" if self.dry_run else ""),
+            f"describer {format_identity(self.describer) if self.describer else self.backend + '/' + self.model}"
+            + (" (batch)" if self.batch else "") + (" (dry run)" if self.dry_run else ""),
             f"cases {self.cases} (complete {self.cases_complete}); views {self.views}: "
-            f"described {self.described}, cached {self.cached}, failed {self.failed}",
+            f"described {self.described}, cached {self.cached}, failed {self.failed}"
+            + (f", not sent {self.skipped}" if self.skipped else "")
+            + (f", refused before (not re-requested) {self.refusal_capped}" if self.refusal_capped else ""),
         ]
         if self.dry_run:
             lines.append(f"would send {self.would_request} request(s): ~{self.est_prompt_tokens} prompt + "
                          f"~{self.est_completion_tokens} completion tokens, ~${self.est_cost_usd:.4f}")
+            if self.would_request:
+                if self.batch:
+                    eta = "within the Batch API's 24 h completion window"
+                else:
+                    eta = (f"~{_hms(self.est_seconds)} at {self.concurrency} in flight "
+                           f"({self.seconds_per_request:.1f} s per request)")
+                lines.append(f"ETA {eta}")
         else:
             lines.append(f"requests {self.requests} (retries {self.retries}); tokens {self.prompt_tokens} prompt + "
                          f"{self.completion_tokens} completion; cost ${self.cost_usd:.4f}")
+        if self.price_source:
+            lines.append(f"prices: {self.price_source}")
+        for f in self.fallbacks:
+            lines.append(f"fallback: {f}")
         for f in self.failures[:20]:
             lines.append(f"FAILED {f['case_id']}/{f['view']} [{f['kind']}]: {f['message']}")
         if len(self.failures) > 20:
             lines.append(f"… and {len(self.failures) - 20} more failures (see failures.jsonl)")
+        if self.aborted:
+            lines.append(f"STOPPED: {self.aborted}")
         return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # --------------------------------------------------------------------------------------
@@ -164,22 +221,44 @@ class _CaseWork:
     cached: dict[str, ViewDescription]
     todo: list[str]
     context: Any = None
+    capped: list[str] = field(default_factory=list)
 
 
 class _Run:
-    def __init__(self, describer: Describer, out_dir: Path, views: tuple[str, ...], dry_run: bool) -> None:
+    def __init__(self, describer: Describer, out_dir: Path, views: tuple[str, ...], dry_run: bool, *,
+                 breaker_threshold: int = 3, max_refusals: int = 2, retry_refused: bool = False,
+                 progress: Any = None) -> None:
         self.d = describer
         self.out = out_dir
         self.views = views
         self.dry_run = dry_run
         self.cache = DescriptionCache(out_dir)
         self.seen: set[str] = set()
+        self.identity = describer_identity(describer)
+        params = getattr(describer, "request_params", None)
+        self.params = params() if callable(params) else None
+        prices = getattr(describer, "prices", None)
         self.summary = DescribeSummary(backend=describer.source, model=describer.model,
-                                       prompt_version=describer.prompt_version, dry_run=dry_run, out_dir=str(out_dir))
+                                       prompt_version=describer.prompt_version, dry_run=dry_run, out_dir=str(out_dir),
+                                       describer=self.identity, concurrency=int(getattr(describer, "concurrency", 1)),
+                                       batch=bool(getattr(describer, "batch", False)),
+                                       price_source=getattr(prices, "source", "") if prices else "")
+        self.breaker_threshold = int(breaker_threshold)
+        self.max_refusals = int(max_refusals)
+        self.retry_refused = bool(retry_refused)
+        self.case_status: dict[str, str] = {}
+        self.stop: str | None = None
+        self.fatal = 0
+        self.transport_in_a_row = 0
+        self.preflight: asyncio.Event | None = None
+        self.preflight_started = False
+        self.bar = progress
 
     # -- worker thread: load and prepare one case ----------------------------------------
     def next_case(self, it: Iterator[Mapping[str, Any]]) -> _CaseWork | None:
         while True:
+            if self.stop:
+                return None
             try:
                 sample = next(it)
             except StopIteration:
@@ -191,7 +270,7 @@ class _Run:
                 log.warning("case %s appears twice in the input; skipping the repeat", case_id)
                 continue
             if case_id in _RESERVED:
-                raise ValueError(f"case id {case_id!r} clashes with the summary file name")
+                raise ValueError(f"case id {case_id!r} clashes with a describe file name")
             self.seen.add(case_id)
             try:
                 mri, brain, geo = sample_arrays(sample)
@@ -199,7 +278,7 @@ class _Run:
                 slices = extract_view_slices(sample, abn, self.views)
             except ValueError as e:
                 raise ValueError(f"{case_id}: {e}") from e
-            kk = {v: cache_key(case_id, v, slices[v].image_hash, self.d.model, self.d.prompt_version)
+            kk = {v: cache_key(case_id, v, slices[v].image_hash, self.d.model, self.d.prompt_version, self.params)
                   for v in self.views}
             cached: dict[str, ViewDescription] = {}
             for v in self.views:
@@ -207,12 +286,27 @@ class _Run:
                 if rec is not None:
                     cached[v] = rec["description"]
             todo = [v for v in self.views if v not in cached]
+            capped = [v for v in todo if self._refusal_capped(case_id, v, kk[v])]
+            todo = [v for v in todo if v not in capped]
             context = None
             if todo and not self.dry_run:
                 context = self.d.prepare(sample, {v: slices[v] for v in todo}, abn)
             if not abn.found:
                 log.info("%s: no FLAIR/T2 abnormality found; slices through the brain centre", case_id)
-            return _CaseWork(case_id, slices, kk, cached, todo, context)
+            return _CaseWork(case_id, slices, kk, cached, todo, context, capped)
+
+    def _refusal_capped(self, case_id: str, view: str, key: str) -> bool:
+        """The model refused this very request ``max_refusals`` times already."""
+        if self.retry_refused or self.max_refusals <= 0:
+            return False
+        p = self.cache.failure_path(case_id, view)
+        if not p.is_file():
+            return False
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return rec.get("key") == key and int(rec.get("refusals", 0)) >= self.max_refusals
 
     # -- event loop: describe one case ----------------------------------------------------
     async def run_case(self, w: _CaseWork) -> None:
@@ -220,9 +314,17 @@ class _Run:
         s.cases += 1
         s.views += len(self.views)
         s.cached += len(w.cached)
+        if w.capped:
+            s.refusal_capped += len(w.capped)
+            s.failed += len(w.capped)
+            for v in w.capped:
+                s.failures.append({"case_id": w.case_id, "view": v, "kind": "refusal_capped", "attempts": 0,
+                                   "status": None, "message": f"refused {self.max_refusals} time(s) before; not "
+                                   "requested again (pass --retry-refused to try once more)"})
         if self.dry_run:
             for v in w.todo:
                 self.d.estimate(w.slices[v])
+            self._tick()
             return
         results = await asyncio.gather(*(self.one_view(w, v) for v in w.todo))
         views = dict(w.cached)
@@ -232,14 +334,57 @@ class _Run:
                                 axis=w.slices[v].geometry.slice_axis, image_hash=w.slices[v].image_hash)
                     for v in self.views}
             desc = Description(case_id=w.case_id, views=views, source=self.d.source, model=self.d.model,
-                               prompt_version=self.d.prompt_version, slices=refs)
+                               prompt_version=self.d.prompt_version, prompt_hash=self.identity.get("prompt_hash", ""),
+                               slices=refs)
             await asyncio.to_thread(atomic_write_json, self.out / f"{w.case_id}.json", desc.model_dump(mode="json"))
             s.cases_complete += 1
+            self.case_status[w.case_id] = "complete"
+        else:
+            self.case_status[w.case_id] = "incomplete"
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.bar is None:
+            return
+        s, u = self.summary, self.d.usage
+        self.bar.update(1)
+        post = {"done": s.described, "cached": s.cached, "failed": s.failed}
+        if self.dry_run:
+            post.update(req=u.would_send, tok=u.est_prompt_tokens + u.est_completion_tokens,
+                        usd=f"{u.est_cost_usd:.2f}")
+        else:
+            post.update(tok=u.prompt_tokens + u.completion_tokens, usd=f"{u.cost_usd:.2f}")
+        self.bar.set_postfix(post, refresh=False)
+
+    def trip(self, reason: str) -> None:
+        """Stop the run: nothing more is sent (requests in flight finish)."""
+        if self.stop is None:
+            self.stop = reason
+            log.error("describe stopped: %s", reason)
+            if hasattr(self.d, "stop_reason"):
+                self.d.stop_reason = reason
 
     async def one_view(self, w: _CaseWork, view: str) -> ViewDescription | None:
+        # the preflight: the first view goes alone; the others wait for its verdict
+        if self.preflight is None:
+            self.preflight = asyncio.Event()
+        if not self.preflight_started:
+            self.preflight_started = True
+            try:
+                return await self._one_view(w, view, preflight=True)
+            finally:
+                self.preflight.set()
+        await self.preflight.wait()
+        return await self._one_view(w, view)
+
+    async def _one_view(self, w: _CaseWork, view: str, preflight: bool = False) -> ViewDescription | None:
+        if self.stop:
+            self.summary.skipped += 1
+            return None
         vs, key = w.slices[view], w.keys[view]
         base = {"key": key, "case_id": w.case_id, "view": view, "image_hash": vs.image_hash,
                 "model": self.d.model, "prompt_version": self.d.prompt_version, "source": self.d.source,
+                "describer": self.identity, "request": self.params,
                 "slice": {"index": vs.index, "index_original": vs.index_original, "axis": vs.geometry.slice_axis}}
         try:
             out = await self.d.describe_view(w.case_id, vs, w.context)
@@ -251,15 +396,48 @@ class _Run:
         else:
             rec = dict(base, description=out.description, attempts=out.attempts, prompt_tokens=out.prompt_tokens,
                        completion_tokens=out.completion_tokens, cost_usd=round(out.cost_usd, 8),
-                       response_model=out.response_model)
+                       response_model=out.response_model, response_format=out.response_format)
             await asyncio.to_thread(self.cache.put, key, rec)
             self.summary.described += 1
+            self.transport_in_a_row = 0
             return out.description
+        if err["kind"] == "aborted":  # never sent: the breaker tripped while it waited
+            self.summary.skipped += 1
+            return None
         self.summary.failed += 1
         self.summary.failures.append({"case_id": w.case_id, "view": view, **err})
         log.warning("describe failed %s/%s [%s]: %s", w.case_id, view, err["kind"], err["message"])
+        if err["kind"] == "refusal":  # counted per cache key, so the cap applies to this very request
+            prev = self.cache.failure_path(w.case_id, view)
+            n = 0
+            try:
+                old = json.loads(prev.read_text(encoding="utf-8"))
+                n = int(old.get("refusals", 0)) if old.get("key") == key else 0
+            except (OSError, ValueError):
+                pass
+            err = dict(err, refusals=n + 1)
         await asyncio.to_thread(self.cache.put_failure, w.case_id, view, dict(base, **err))
+        self._judge(err, preflight)
         return None
+
+    def _judge(self, err: Mapping[str, Any], preflight: bool) -> None:
+        """The breaker: decide after a failure whether the run can go on."""
+        kind = err["kind"]
+        cause = f"{kind}" + (f" (HTTP {err['status']})" if err.get("status") else "") + f": {err['message']}"
+        if kind in CONTENT_KINDS:
+            self.transport_in_a_row = 0
+            return
+        if preflight:
+            self.trip(f"the preflight request failed — {cause}")
+            return
+        if kind in FATAL_KINDS:
+            self.fatal += 1
+            if self.fatal >= self.breaker_threshold:
+                self.trip(f"{self.fatal} fatal failure(s) — {cause}")
+            return
+        self.transport_in_a_row += 1
+        if self.transport_in_a_row >= self.breaker_threshold:
+            self.trip(f"{self.transport_in_a_row} views in a row failed after retries — {cause}")
 
     def finish(self, t0: float) -> DescribeSummary:
         s, u = self.summary, self.d.usage
@@ -267,17 +445,62 @@ class _Run:
         s.prompt_tokens, s.completion_tokens, s.cost_usd = u.prompt_tokens, u.completion_tokens, u.cost_usd
         s.would_request, s.est_prompt_tokens = u.would_send, u.est_prompt_tokens
         s.est_completion_tokens, s.est_cost_usd = u.est_completion_tokens, u.est_cost_usd
+        s.fallbacks = list(getattr(self.d, "fallbacks", []))
+        s.aborted = self.stop
         s.elapsed_s = time.perf_counter() - t0
-        if not self.dry_run:
+        if self.dry_run:
+            s.seconds_per_request = _measured_seconds_per_request(self.out)
+            s.est_seconds = s.would_request * s.seconds_per_request / max(1, s.concurrency)
+        else:
+            if s.requests:
+                s.seconds_per_request = s.elapsed_s * max(1, s.concurrency) / s.requests
             self.cache.write_failure_report()
             atomic_write_json(self.out / SUMMARY_NAME, s.to_dict())
+            self.write_manifest()
         return s
+
+    def write_manifest(self) -> None:
+        """Record which cases this describer produced (merged with an earlier run of the same describer)."""
+        old = read_describe_manifest(self.out)
+        cases: dict[str, str] = {}
+        if old and same_describer(old.get("describer"), self.identity):
+            cases.update(old.get("cases", {}))
+        cases.update(self.case_status)
+        for cid in self.seen:  # seen but never run (the run stopped first)
+            cases.setdefault(cid, "incomplete")
+        atomic_write_json(self.out / MANIFEST_NAME, {"describer": self.identity, "views": list(self.views),
+                                                     "updated": now_iso(), "cases": dict(sorted(cases.items()))})
+
+
+def _measured_seconds_per_request(out: Path) -> float:
+    """Seconds per request (per slot of concurrency) measured by the last real run in ``out``."""
+    try:
+        prev = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+        if prev.get("requests") and prev.get("seconds_per_request"):
+            return float(prev["seconds_per_request"])
+    except (OSError, ValueError, TypeError):
+        pass
+    return ASSUMED_SECONDS_PER_REQUEST
+
+
+def read_describe_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``describe_manifest.json`` of a describe folder, or ``None``."""
+    p = Path(out_dir) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("unreadable %s; treating the folder as unmanifested", p)
+        return None
 
 
 async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: str | Describer | None,
                                out_dir: str | os.PathLike, *, model: str = "gpt-4o", base_url: str | None = None,
                                concurrency: int = 8, dry_run: bool = False, views: tuple[str, ...] = VIEWS,
-                               max_pending_cases: int | None = None, **backend_kwargs: Any) -> DescribeSummary:
+                               max_pending_cases: int | None = None, breaker_threshold: int = 3,
+                               max_refusals: int = 2, retry_refused: bool = False, progress: bool = False,
+                               total: int | None = None, **backend_kwargs: Any) -> DescribeSummary:
     """Async form of :func:`describe_cases` (for callers that already run an event loop)."""
     t0 = time.perf_counter()
     for v in views:
@@ -290,7 +513,13 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
     out = Path(out_dir)
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
-    run = _Run(describer, out, tuple(views), dry_run)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="describe" + (" (dry run)" if dry_run else ""), unit="case", dynamic_ncols=True)
+    run = _Run(describer, out, tuple(views), dry_run, breaker_threshold=breaker_threshold,
+               max_refusals=max_refusals, retry_refused=retry_refused, progress=bar)
     # enough cases in flight to keep `concurrency` requests busy while the next
     # sample loads, but bounded so a large cohort is never all in memory
     limit = max_pending_cases or max(2, 2 * concurrency // max(1, len(views)) + 1)
@@ -302,10 +531,13 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
             if work is None:
                 break
             pending.add(asyncio.create_task(run.run_case(work)))
-            if len(pending) >= limit:
+            # until the preflight has its verdict, one case at a time
+            cap = 1 if (run.preflight is None or not run.preflight.is_set()) else limit
+            while len(pending) >= cap:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     t.result()
+                cap = limit
         if pending:
             done, pending = await asyncio.wait(pending)
             for t in done:
@@ -316,6 +548,8 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         await describer.aclose()
+        if bar is not None:
+            bar.close()
     summary = run.finish(t0)
     log.info("describe summary:\n%s", summary.format())
     return summary
@@ -324,7 +558,9 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
 def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describer | None,
                    out_dir: str | os.PathLike, *, model: str = "gpt-4o", base_url: str | None = None,
                    concurrency: int = 8, dry_run: bool = False, views: tuple[str, ...] = VIEWS,
-                   max_pending_cases: int | None = None, **backend_kwargs: Any) -> DescribeSummary:
+                   max_pending_cases: int | None = None, breaker_threshold: int = 3, max_refusals: int = 2,
+                   retry_refused: bool = False, progress: bool = False, total: int | None = None,
+                   **backend_kwargs: Any) -> DescribeSummary:
     """Describe every sample, resumably; nothing already cached is paid for again.
 
     Args:
@@ -334,15 +570,21 @@ def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describe
             ``OPENAI_API_KEY`` is set, else offline — logged), or a describer object.
         out_dir: output folder (see module docstring); created if missing.
         model, base_url, concurrency, dry_run: OpenAI settings; ``dry_run`` sends
-            nothing, writes nothing, and estimates tokens and cost of the uncached views.
+            nothing, writes nothing, and estimates requests, tokens, cost and ETA of
+            the uncached views.
         views: which views to describe.
         max_pending_cases: cases prepared ahead (default from ``concurrency``).
+        breaker_threshold: fatal failures (or transport failures in a row) that stop the run.
+        max_refusals: refusals of the same request after which a view is not re-requested.
+        retry_refused: request refused views again anyway.
+        progress: show a progress bar (done/failed/cached, tokens, cost, ETA) on stderr.
+        total: number of cases, for the bar's ETA.
         **backend_kwargs: passed to the OpenAI describer (``max_retries``, ``timeout``,
-            ``price_per_1k_input``, ``price_per_1k_output``, ``prompt_version``,
-            ``backoff_base``, …).
+            ``price_input``, ``price_output``, ``prompt_version``, ``batch``, …).
 
     Returns:
-        :class:`DescribeSummary` (also written to ``OUT/describe_summary.json``).
+        :class:`DescribeSummary` (also written to ``OUT/describe_summary.json``); its
+        ``aborted`` says why a run stopped early.
 
     Raises:
         MissingAPIKeyError: OpenAI requested without a key and not a dry run.
@@ -350,15 +592,41 @@ def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describe
     """
     return asyncio.run(describe_cases_async(samples, backend, out_dir, model=model, base_url=base_url,
                                             concurrency=concurrency, dry_run=dry_run, views=views,
-                                            max_pending_cases=max_pending_cases, **backend_kwargs))
+                                            max_pending_cases=max_pending_cases, breaker_threshold=breaker_threshold,
+                                            max_refusals=max_refusals, retry_refused=retry_refused,
+                                            progress=progress, total=total, **backend_kwargs))
 
 
-def load_descriptions(out_dir: str | os.PathLike) -> dict[str, Description]:
-    """All per-case :class:`Description` records of a describe output folder, by case id."""
-    out: dict[str, Description] = {}
-    for p in sorted(Path(out_dir).glob("*.json")):
+def load_descriptions(out_dir: str | os.PathLike, describer: Mapping[str, Any] | None = None) -> dict[str, Description]:
+    """The per-case :class:`Description` records of ONE describer in a describe output folder, by case id.
+
+    With a manifest (written by every describe run), the describer is the manifest's
+    (or ``describer``); cases the last run of that describer could not complete are
+    left out; a case file made by another describer (stale, from an earlier run) is
+    refused. Without a manifest, all case files must share one describer.
+
+    Raises:
+        DescriberMismatchError: a mixture (the message names the cases and describers).
+    """
+    out_dir = Path(out_dir)
+    found: dict[str, Description] = {}
+    for p in sorted(out_dir.glob("*.json")):
         if p.stem in _RESERVED:
             continue
         d = Description.model_validate(json.loads(p.read_text(encoding="utf-8")))
-        out[d.case_id] = d
-    return out
+        found[d.case_id] = d
+    manifest = read_describe_manifest(out_dir)
+    want = describer or (manifest or {}).get("describer")
+    if want is None:
+        single_identity(found, str(out_dir))
+        return found
+    stale = sorted(c for c, d in found.items() if not same_describer(description_identity(d), want))
+    if stale:
+        others = sorted({format_identity(description_identity(found[c])) for c in stale})
+        raise DescriberMismatchError(
+            f"{out_dir} mixes describers: the last describe run used {format_identity(want)}, but "
+            f"{len(stale)} case file(s) were made by {', '.join(others)}: {', '.join(stale[:10])}"
+            f"{' …' if len(stale) > 10 else ''} (stale from an earlier run; re-describe them with one describer, "
+            f"or use another --out/--descriptions folder)")
+    status = (manifest or {}).get("cases", {}) if manifest and same_describer(manifest.get("describer"), want) else {}
+    return {c: d for c, d in found.items() if status.get(c, "complete") == "complete"}

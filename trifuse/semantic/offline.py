@@ -252,6 +252,24 @@ class OfflineDescriber:
     def __repr__(self) -> str:
         return f"OfflineDescriber(model={self.model!r}, prompt_version={self.prompt_version!r})"
 
+    @property
+    def prompt_hash(self) -> str:
+        """Hash of the rule set (its version and every threshold)."""
+        from dataclasses import asdict
+
+        from trifuse.semantic.provenance import text_hash
+
+        return text_hash(self.prompt_version, asdict(self.t))
+
+    def identity(self) -> dict[str, Any]:
+        """Describer identity (:mod:`trifuse.semantic.provenance`)."""
+        return {"backend": self.source, "model": self.model, "prompt_version": self.prompt_version,
+                "prompt_hash": self.prompt_hash, "base_url": None}
+
+    def request_params(self) -> dict[str, Any]:
+        """What the answer depends on besides the image: part of the cache key."""
+        return {"model": self.model, "prompt_hash": self.prompt_hash}
+
     # -- public API -------------------------------------------------------------------
     def describe(self, sample: Mapping[str, Any], slices: Mapping[str, ViewSlice] | None = None,
                  abnormality: Abnormality | None = None) -> Description:
@@ -267,7 +285,7 @@ class OfflineDescriber:
         """
         views = self.describe_views(sample, slices, abnormality)
         return Description(case_id=str(sample.get(keys.CASE_ID, "unknown")), views=views, source="offline",
-                           model=self.model, prompt_version=self.prompt_version)
+                           model=self.model, prompt_version=self.prompt_version, prompt_hash=self.prompt_hash)
 
     def describe_views(self, sample: Mapping[str, Any], slices: Mapping[str, ViewSlice] | None = None,
                        abnormality: Abnormality | None = None,

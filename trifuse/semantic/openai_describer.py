@@ -7,10 +7,19 @@ base64 ``data:`` URL. The answer is forced into the :class:`ViewDescription` JSO
 
 Retries are ours, not the client's (the client is built with ``max_retries=0``): 429,
 408/409, 5xx, time-outs and connection errors are retried with exponential backoff and
-jitter (honouring ``Retry-After`` when the server sends one), every HTTP request is
-counted, and an ``asyncio.Semaphore`` bounds the requests in flight. Anything that
-still fails becomes a :class:`~trifuse.semantic.backend.DescribeError` — recorded by
-the caller, never replaced by offline output.
+jitter (honouring ``retry-after-ms``, ``Retry-After`` and the ``x-ratelimit-*`` headers:
+a server-requested pause holds every request, not only the one that got the 429), every
+HTTP request is counted, and an ``asyncio.Semaphore`` bounds the requests in flight.
+
+What no retry fixes is classified, not retried (:data:`FATAL_KINDS`): 401, 403, 404,
+a model without image input, ``insufficient_quota`` (a 429 that waiting never cures);
+the run's breaker (:mod:`trifuse.semantic.describe`) stops on them. A server that
+rejects ``json_schema`` gets ``json_object``, then a prompt-only request (the schema in
+the system prompt), each answer validated the same way; a model that rejects
+``temperature`` or ``max_tokens`` gets the request without them. Request options follow
+the model family (:mod:`trifuse.semantic.pricing`). Anything that still fails becomes a
+:class:`~trifuse.semantic.backend.DescribeError` — recorded by the caller, never
+replaced by offline output.
 
 The key is read from ``OPENAI_API_KEY`` only, handed to the client, and never stored
 in this object's state, logged, or put into an error message (see
@@ -30,15 +39,14 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from trifuse.semantic.backend import API_KEY_ENV, DescribeError, MissingAPIKeyError, Usage, ViewOutcome, redact
+from trifuse.semantic import pricing
+from trifuse.semantic.backend import (API_KEY_ENV, FATAL_KINDS, DescribeError, MissingAPIKeyError, Usage,  # noqa: F401
+                                      ViewOutcome, redact)
+from trifuse.semantic.provenance import text_hash
 from trifuse.semantic.schema import ViewDescription, openai_response_format
 from trifuse.semantic.slices import ViewSlice
 
 log = logging.getLogger(__name__)
-
-#: list prices in USD per 1k tokens (gpt-4o, OpenAI pricing page, 2024-08 onward); override per model
-GPT4O_PRICE_IN_PER_1K = 0.0025
-GPT4O_PRICE_OUT_PER_1K = 0.010
 
 SYSTEM_PROMPTS = {
     "v1": (
@@ -68,33 +76,79 @@ SYSTEM_PROMPTS = {
 }
 
 
+#: the per-request text (``{view}``, ``{fov}``, ``{mm}`` filled per slice); hashed into the prompt hash
+USER_TEMPLATE = ("Plane: {view}. Each of the four panels is {fov:.0f} mm x {fov:.0f} mm "
+                 "({mm:.2f} mm per pixel). Describe the abnormality on this {view} slice.")
+
+#: response-format modes, strongest first: a server that rejects one gets the next
+RESPONSE_MODES = ("json_schema", "json_object", "prompt")
+
+_IMAGE_RX = re.compile(r"image|vision|multi-?modal", re.I)
+_FORMAT_RX = re.compile(r"response_format|json_schema|json_object|structured output|guided_json|guided decoding", re.I)
+_DURATION_RX = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
 def user_text(view_slice: ViewSlice) -> str:
     """The per-request text: view, panel layout and pixel size."""
-    fov = view_slice.panel_fov_mm
-    return (f"Plane: {view_slice.view}. Each of the four panels is {fov:.0f} mm x {fov:.0f} mm "
-            f"({view_slice.mm_per_px:.2f} mm per pixel). Describe the abnormality on this {view_slice.view} slice.")
+    return USER_TEMPLATE.format(view=view_slice.view, fov=view_slice.panel_fov_mm, mm=view_slice.mm_per_px)
 
 
 def image_tokens(width: int, height: int, detail: str = "low", base: int = 85, per_tile: int = 170) -> int:
-    """Image input tokens by OpenAI's published rule for GPT-4o-class models.
-
-    ``low``: a flat ``base``. ``high``: fit within 2048², scale the short side to 768,
-    count 512-px tiles: ``base + per_tile · tiles`` (OpenAI vision guide, "Calculating costs").
-    """
-    if detail == "low":
-        return base
-    w, h = float(width), float(height)
-    s = min(1.0, 2048.0 / max(w, h))
-    w, h = w * s, h * s
-    s = 768.0 / min(w, h) if min(w, h) > 768 else 1.0
-    w, h = w * s, h * s
-    return base + per_tile * math.ceil(w / 512) * math.ceil(h / 512)
+    """Image input tokens of a GPT-4o-class (tile rule) model; see :func:`trifuse.semantic.pricing.image_tokens`."""
+    return pricing.image_tokens(width, height, detail, base, per_tile)
 
 
 def _text_tokens(text: str) -> int:
     # ~4 characters per token for English/JSON (OpenAI rule of thumb); tiktoken is not
     # a dependency and an estimate is all a dry run needs
     return int(math.ceil(len(text) / 4))
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds of an OpenAI rate-limit reset header (``"1s"``, ``"6m0s"``, ``"20ms"``, ``"0.5"``)."""
+    if value is None:
+        return None
+    v = str(value).strip()
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    parts = _DURATION_RX.findall(v)
+    if not parts:
+        return None
+    unit = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None, status: int | None = None) -> float | None:
+    """How long the server asks us to wait: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date), or,
+    on a 429, the later of ``x-ratelimit-reset-requests``/``-tokens``."""
+    if not headers:
+        return None
+    h = {k.lower(): v for k, v in headers.items()}
+    if "retry-after-ms" in h:
+        try:
+            return float(h["retry-after-ms"]) / 1000.0
+        except ValueError:
+            pass
+    if "retry-after" in h:
+        ra = h["retry-after"]
+        try:
+            return float(ra)
+        except ValueError:
+            import email.utils
+            import time as _time
+
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(ra).timestamp() - _time.time())
+            except (TypeError, ValueError):
+                pass
+    if status == 429:
+        resets = [parse_duration(h.get(k)) for k in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+        resets = [r for r in resets if r is not None]
+        if resets:
+            return max(resets)
+    return None
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
@@ -110,15 +164,23 @@ class OpenAIDescriber:
         concurrency: most requests in flight.
         max_retries: retries after the first attempt (so ``1 + max_retries`` requests at most).
         timeout: per-request time-out in seconds.
-        price_per_1k_input, price_per_1k_output: USD per 1k prompt / completion tokens.
+        price_input, price_output: USD per 1M prompt / completion tokens; ``None``: the
+            family's list price on OpenAI's server, 0 elsewhere (:func:`~trifuse.semantic.pricing.resolve_prices`).
+        price_per_1k_input, price_per_1k_output: the same per 1k tokens (older spelling).
         prompt_version: key into :data:`SYSTEM_PROMPTS`; part of the cache key.
         detail: image ``detail`` (``low`` sees 512×512, which is the size we render).
-        max_tokens: completion token cap.
-        temperature: sampling temperature (``None``: server default).
+        max_tokens: completion token cap (``None``: the family's default; sent as
+            ``max_completion_tokens`` to reasoning models).
+        temperature: sampling temperature (``None``: server default; never sent to
+            reasoning models, which reject it).
+        response_format: first mode tried (``json_schema``, ``json_object`` or ``prompt``);
+            a server that rejects it gets the next one, and the mode used is recorded.
         backoff_base, backoff_max: first delay and cap in seconds (``base · 2^(n−1)``).
         jitter: multiplicative jitter fraction (delay × U[1, 1 + jitter]).
+        max_retry_after: longest server-requested wait honoured (s).
         dry_run: never contact the server; :meth:`estimate` counts instead.
         expected_output_tokens: completion tokens assumed by :meth:`estimate`.
+        batch: prices of the Batch API (half) in :meth:`cost` and :meth:`estimate`.
         request_kwargs: extra arguments for ``chat.completions.create`` (e.g. ``seed``).
 
     Raises:
@@ -128,43 +190,58 @@ class OpenAIDescriber:
     source = "openai"
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None, concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 60.0,
-                 price_per_1k_input: float = GPT4O_PRICE_IN_PER_1K,
-                 price_per_1k_output: float = GPT4O_PRICE_OUT_PER_1K, prompt_version: str = "v1",
-                 detail: str = "low", max_tokens: int = 600, temperature: float | None = 0.0,
-                 backoff_base: float = 1.0, backoff_max: float = 60.0, jitter: float = 0.25,
-                 dry_run: bool = False, expected_output_tokens: int = 200,
+                 max_retries: int = 5, timeout: float = 60.0, price_input: float | None = None,
+                 price_output: float | None = None, price_per_1k_input: float | None = None,
+                 price_per_1k_output: float | None = None, prompt_version: str = "v1",
+                 detail: str = "low", max_tokens: int | None = None, temperature: float | None = 0.0,
+                 response_format: str = "json_schema", backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 jitter: float = 0.25, max_retry_after: float = 300.0, dry_run: bool = False,
+                 expected_output_tokens: int = 200, batch: bool = False,
                  request_kwargs: Mapping[str, Any] | None = None) -> None:
         if prompt_version not in SYSTEM_PROMPTS:
             raise ValueError(f"unknown prompt_version {prompt_version!r}; known: {sorted(SYSTEM_PROMPTS)}")
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
+        if response_format not in RESPONSE_MODES:
+            raise ValueError(f"response_format must be one of {RESPONSE_MODES}, got {response_format!r}")
         if not dry_run and not os.environ.get(API_KEY_ENV):
             raise MissingAPIKeyError(
                 f"the OpenAI backend needs the {API_KEY_ENV} environment variable (for a local server "
                 f"without auth set it to any placeholder), or use --dry-run or --backend offline")
         self.model = model
-        self.base_url = base_url
+        self.base_url = base_url if base_url is not None else (os.environ.get("OPENAI_BASE_URL") or None)
+        self.family = pricing.model_family(model)
         self.concurrency = int(concurrency)
         self.max_retries = int(max_retries)
         self.timeout = float(timeout)
-        self.price_in = float(price_per_1k_input)
-        self.price_out = float(price_per_1k_output)
+        if price_per_1k_input is not None:
+            price_input = 1000.0 * float(price_per_1k_input)
+        if price_per_1k_output is not None:
+            price_output = 1000.0 * float(price_per_1k_output)
+        self.batch = bool(batch)
+        self.prices = pricing.resolve_prices(model, self.base_url, price_input, price_output, batch=self.batch)
         self.prompt_version = prompt_version
         self.detail = detail
-        self.max_tokens = int(max_tokens)
-        self.temperature = temperature
+        self.max_tokens = int(max_tokens) if max_tokens is not None else self.family.default_max_tokens
+        self.temperature = None if self.family.reasoning else temperature
+        self.response_format = response_format
+        self.mode = response_format  # current mode (falls back within a run)
+        self.token_param = "max_completion_tokens" if self.family.reasoning else "max_tokens"
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
         self.jitter = float(jitter)
+        self.max_retry_after = float(max_retry_after)
         self.dry_run = bool(dry_run)
         self.expected_output_tokens = int(expected_output_tokens)
         self.request_kwargs = dict(request_kwargs or {})
         self.usage = Usage()
+        self.fallbacks: list[str] = []  #: what this run had to change (response format, options)
+        self.stop_reason: str | None = None  #: set by the run's breaker: no further request is sent
         self._rng = random.Random()
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._hold_until = 0.0  # loop time before which no request starts (server-requested pause)
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -175,6 +252,31 @@ class OpenAIDescriber:
     @property
     def system_prompt(self) -> str:
         return SYSTEM_PROMPTS[self.prompt_version]
+
+    @property
+    def price_in(self) -> float:
+        """USD per 1k prompt tokens (older spelling of :attr:`prices`)."""
+        return self.prices.input / 1000.0
+
+    @property
+    def price_out(self) -> float:
+        return self.prices.output / 1000.0
+
+    @property
+    def prompt_hash(self) -> str:
+        """Hash of every text the model is given: system prompt, user template and response schema."""
+        return text_hash(self.system_prompt, USER_TEMPLATE, openai_response_format(None))
+
+    def identity(self) -> dict[str, Any]:
+        """Describer identity (:mod:`trifuse.semantic.provenance`)."""
+        return {"backend": self.source, "model": self.model, "prompt_version": self.prompt_version,
+                "prompt_hash": self.prompt_hash, "base_url": self.base_url}
+
+    def request_params(self) -> dict[str, Any]:
+        """Every request setting that can change an answer: part of the cache key."""
+        return {"model": self.model, "base_url": self.base_url, "detail": self.detail, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "response_format": self.response_format,
+                "prompt_hash": self.prompt_hash, "request_kwargs": self.request_kwargs}
 
     # -- client -----------------------------------------------------------------------
     def _ensure_client(self) -> None:
@@ -189,6 +291,7 @@ class OpenAIDescriber:
                                           max_retries=0, timeout=self.timeout)
         self._sem = asyncio.Semaphore(self.concurrency)
         self._loop = loop
+        self._hold_until = 0.0
 
     async def aclose(self) -> None:
         """Close the HTTP client (call before the event loop ends)."""
@@ -203,26 +306,50 @@ class OpenAIDescriber:
         return None
 
     # -- request ----------------------------------------------------------------------
-    def messages(self, view_slice: ViewSlice) -> list[dict[str, Any]]:
-        """Chat messages for one view: system prompt, text, and the PNG as a data URL."""
+    def messages(self, view_slice: ViewSlice, mode: str | None = None) -> list[dict[str, Any]]:
+        """Chat messages for one view: system prompt, text, and the PNG as a data URL.
+
+        Without ``json_schema`` the schema travels in the system prompt instead.
+        """
+        mode = mode or self.mode
+        system = self.system_prompt
+        if mode != "json_schema":
+            schema = openai_response_format(view_slice.view)["json_schema"]["schema"]
+            system += ("\nReply with one JSON object (no prose, no code fence) that follows this JSON schema:\n"
+                       + json.dumps(schema, separators=(",", ":")))
         url = "data:image/png;base64," + base64.b64encode(view_slice.png).decode("ascii")
         return [
-            {"role": "system", "content": self.system_prompt},
+            {"role": "system", "content": system},
             {"role": "user", "content": [
                 {"type": "text", "text": user_text(view_slice)},
                 {"type": "image_url", "image_url": {"url": url, "detail": self.detail}},
             ]},
         ]
 
+    def request_body(self, view_slice: ViewSlice, mode: str | None = None) -> dict[str, Any]:
+        """The ``chat.completions.create`` arguments for one view (also a Batch API line's body)."""
+        mode = mode or self.mode
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages(view_slice, mode),
+                                self.token_param: self.max_tokens}
+        if mode == "json_schema":
+            body["response_format"] = openai_response_format(view_slice.view)
+        elif mode == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        body.update(self.request_kwargs)
+        return body
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for the given token counts."""
-        return prompt_tokens / 1000.0 * self.price_in + completion_tokens / 1000.0 * self.price_out
+        """USD for the given token counts (0 on a server that is not OpenAI's, unless prices were given)."""
+        return self.prices.cost(prompt_tokens, completion_tokens)
 
     def estimate(self, view_slice: ViewSlice) -> tuple[int, int, float]:
         """Dry-run estimate for one view: ``(prompt_tokens, completion_tokens, usd)``; counted in usage."""
         schema = json.dumps(openai_response_format(view_slice.view))
         text = self.system_prompt + user_text(view_slice) + schema
-        p = _text_tokens(text) + image_tokens(*view_slice.size_px, detail=self.detail) + 3 * 2 + 3
+        img = pricing.family_image_tokens(self.model, *view_slice.size_px, detail=self.detail)
+        p = _text_tokens(text) + img + 3 * 2 + 3
         c = self.expected_output_tokens
         usd = self.cost(p, c)
         u = self.usage
@@ -235,22 +362,22 @@ class OpenAIDescriber:
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         d = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
         d *= 1.0 + self.jitter * self._rng.random()
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.backoff_max))
+        if retry_after is not None:  # the server knows better than our backoff, within reason
+            d = max(d, min(retry_after, self.max_retry_after))
         return d
 
     @staticmethod
-    def _retry_after(exc: Exception) -> float | None:
+    def _headers(exc: Exception) -> Mapping[str, str] | None:
         resp = getattr(exc, "response", None)
-        try:
-            value = resp.headers.get("retry-after") if resp is not None else None
-            return float(value) if value is not None else None
-        except (TypeError, ValueError):
-            return None
+        return getattr(resp, "headers", None)
 
     @staticmethod
     def _classify(exc: Exception) -> tuple[str, bool, int | None]:
-        """``(kind, retryable, status)`` of an exception from the client."""
+        """``(kind, retryable, status)`` of an exception from the client.
+
+        Kinds in :data:`FATAL_KINDS` stop a run; ``unsupported_response_format`` and
+        ``unsupported_param`` first make the describer fall back (see :meth:`describe_view`).
+        """
         import openai
 
         if isinstance(exc, openai.APITimeoutError):
@@ -259,19 +386,74 @@ class OpenAIDescriber:
             return "connection", True, None
         if isinstance(exc, openai.APIStatusError):
             code = exc.status_code
+            err_code = str(getattr(exc, "code", "") or "")
+            err_type = str((exc.body or {}).get("type", "") if isinstance(exc.body, dict) else "")
+            param = str(getattr(exc, "param", "") or "")
+            text = str(getattr(exc, "message", "") or exc)
+            if "insufficient_quota" in (err_code, err_type) or "insufficient_quota" in text:
+                return "insufficient_quota", False, code  # a 429 that no waiting fixes
             if code == 429:
                 return "rate_limited", True, code
             if code >= 500:
                 return "server_error", True, code
             if code in (408, 409):
                 return "http_error", True, code
+            if code == 401:
+                return "auth", False, code
+            if code == 403:
+                return "permission", False, code
+            if code == 404:
+                return "not_found", False, code
+            if code in (400, 422):
+                if param == "response_format" or _FORMAT_RX.search(text):
+                    return "unsupported_response_format", False, code
+                if err_code in ("unsupported_parameter", "unsupported_value") or param in ("temperature", "max_tokens"):
+                    return "unsupported_param", False, code
+                if _IMAGE_RX.search(text) or param.startswith("messages"):
+                    return "no_image_input", False, code
             return "http_error", False, code
         if isinstance(exc, openai.APIError):  # e.g. a 200 whose body is not a chat completion
             return "invalid_response", False, None
         return "error", False, None
 
+    def _fall_back(self, kind: str, exc: Exception) -> bool:
+        """Change the request after a server rejected part of it; ``False`` when nothing is left to change."""
+        if kind == "unsupported_response_format":
+            i = RESPONSE_MODES.index(self.mode)
+            if i + 1 < len(RESPONSE_MODES):
+                new = RESPONSE_MODES[i + 1]
+                log.warning("the server does not accept response_format %s; falling back to %s (validated "
+                            "against the schema all the same)", self.mode, new)
+                self.fallbacks.append(f"response_format {self.mode} -> {new}")
+                self.mode = new
+                return True
+            return False
+        if kind == "unsupported_param":
+            param = str(getattr(exc, "param", "") or "")
+            text = str(getattr(exc, "message", "") or exc)
+            if (param == "temperature" or "temperature" in text) and self.temperature is not None:
+                self.fallbacks.append("temperature dropped")
+                self.temperature = None
+                return True
+            if (param == "max_tokens" or "max_tokens" in text) and self.token_param == "max_tokens":
+                self.fallbacks.append("max_tokens -> max_completion_tokens")
+                self.token_param = "max_completion_tokens"
+                return True
+        return False
+
+    async def _hold(self) -> None:
+        """Wait while the server asked for a pause (429 Retry-After, exhausted rate-limit window)."""
+        loop = asyncio.get_running_loop()
+        while (wait := self._hold_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+
+    def _pause(self, seconds: float | None) -> None:
+        if seconds and seconds > 0:
+            loop = asyncio.get_running_loop()
+            self._hold_until = max(self._hold_until, loop.time() + min(seconds, self.max_retry_after))
+
     async def describe_view(self, case_id: str, view_slice: ViewSlice, context: Any = None) -> ViewOutcome:
-        """Describe one view; retries transient errors; raises :class:`DescribeError`.
+        """Describe one view; retries transient errors, falls back on rejected options; raises :class:`DescribeError`.
 
         Args:
             case_id: for log messages only (not sent to the server).
@@ -282,13 +464,15 @@ class OpenAIDescriber:
             raise RuntimeError("describe_view called in dry-run mode; use estimate()")
         self._ensure_client()
         view = view_slice.view
-        kwargs: dict[str, Any] = dict(model=self.model, messages=self.messages(view_slice),
-                                      response_format=openai_response_format(view), max_tokens=self.max_tokens)
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        kwargs.update(self.request_kwargs)
         attempts = 0
+        changes = 0
         while True:
+            if self.stop_reason:
+                raise DescribeError(f"not sent: the run stopped ({self.stop_reason})", kind="aborted",
+                                    attempts=attempts)
+            mode = self.mode
+            kwargs = self.request_body(view_slice, mode)
+            await self._hold()
             attempts += 1
             self.usage.requests += 1
             if attempts > 1:
@@ -298,7 +482,8 @@ class OpenAIDescriber:
                     self.in_flight += 1
                     self.max_in_flight = max(self.max_in_flight, self.in_flight)
                     try:
-                        resp = await self._client.chat.completions.create(**kwargs)
+                        raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
+                        resp = raw.parse()
                     finally:
                         self.in_flight -= 1
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised as DescribeError
@@ -306,8 +491,17 @@ class OpenAIDescriber:
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 if kind == "error":  # not an API error (e.g. an undecodable body): keep the traceback in debug
                     log.debug("%s/%s: unexpected %s from the client", case_id, view, type(exc).__name__, exc_info=True)
+                if kind in ("unsupported_response_format", "unsupported_param") and changes < 4:
+                    if mode != self.mode or self._fall_back(kind, exc):  # another view may have fallen back already
+                        changes += 1
+                        continue
+                if kind == "unsupported_param":
+                    kind = "http_error"
+                wait = retry_after_seconds(self._headers(exc), status)
                 if retryable and attempts <= self.max_retries:
-                    delay = self._delay(attempts, self._retry_after(exc))
+                    delay = self._delay(attempts, wait)
+                    if kind == "rate_limited":
+                        self._pause(wait)  # every request waits, not only this one
                     log.info("%s/%s: %s (attempt %d/%d); retrying in %.2fs", case_id, view, kind, attempts,
                              self.max_retries + 1, delay)
                     await asyncio.sleep(delay)
@@ -317,9 +511,23 @@ class OpenAIDescriber:
                 raise DescribeError(f"{what} after {attempts} request(s): {msg}", kind=kind, attempts=attempts,
                                     status=status) from None
             break
+        self._note_rate_limits(raw.headers)
+        return self._outcome(resp, view, attempts, mode)
 
-        pt = int(getattr(resp.usage, "prompt_tokens", 0) or 0) if resp.usage else 0
-        ct = int(getattr(resp.usage, "completion_tokens", 0) or 0) if resp.usage else 0
+    def _note_rate_limits(self, headers: Mapping[str, str] | None) -> None:
+        """Pause new requests when the server says the request window is used up."""
+        if not headers:
+            return
+        for what in ("requests", "tokens"):
+            left = headers.get(f"x-ratelimit-remaining-{what}")
+            if left is not None and str(left).strip() in ("0", "0.0"):
+                self._pause(parse_duration(headers.get(f"x-ratelimit-reset-{what}")))
+
+    def _outcome(self, resp: Any, view: str, attempts: int, mode: str) -> ViewOutcome:
+        """Account for and validate one answered request (online or from a batch result)."""
+        usage = getattr(resp, "usage", None)
+        pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else 0
+        ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage else 0
         spent = self.cost(pt, ct)
         self.usage.prompt_tokens += pt
         self.usage.completion_tokens += ct
@@ -332,7 +540,7 @@ class OpenAIDescriber:
             raise
         self.usage.succeeded += 1
         return ViewOutcome(vd, attempts=attempts, prompt_tokens=pt, completion_tokens=ct, cost_usd=spent,
-                           response_model=getattr(resp, "model", None))
+                           response_model=getattr(resp, "model", None), response_format=mode)
 
     @staticmethod
     def _parse(resp: Any, view: str) -> ViewDescription:

@@ -328,6 +328,7 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
 
     Raises:
         KeyError: a case has no description.
+        DescriberMismatchError: the descriptions mix describers, or CLIP was trained on another's.
     """
     from trifuse.io.cache import load_sample, read_meta
     from trifuse.io.manifest import read_manifest
@@ -343,6 +344,14 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
     if missing:
         raise KeyError(f"no description for {len(missing)} case(s): {', '.join(missing[:10])}"
                        f"{' …' if len(missing) > 10 else ''} (run `trifuse describe` first)")
+    from trifuse.semantic.clip import read_checkpoint
+    from trifuse.semantic.provenance import DescriberMismatchError, format_identity, same_describer, single_identity
+
+    describer = single_identity({c: descriptions[c] for c in case_ids}, str(out))
+    clip_describer = read_checkpoint(clip_ckpt).get("describer")
+    if describer and clip_describer and not same_describer(describer, clip_describer):
+        raise DescriberMismatchError(f"{clip_ckpt} was trained on descriptions by {format_identity(clip_describer)}, "
+                                     f"these are by {format_identity(describer)}: retrain CLIP on them (`trifuse clip`)")
     ckpt_sha = file_sha256(clip_ckpt)
     report = PriorsReport(out)
     previous: dict[str, Any] = {}
@@ -386,7 +395,7 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
                 "factor": config.factor, "cropped_shape": list(meta["cropped_shape"]),
                 "crop_box": meta["crop_box"], "shape": meta["shape"], "views": list(config.views),
                 "clip_checkpoint": str(clip_ckpt), "clip_sha256": ckpt_sha, "backend": model.backend,
-                "fingerprint": fp, "config": asdict(config),
+                "fingerprint": fp, "config": asdict(config), "describer": describer,
                 "prior_mapping": "sigmoid(mean_d exp(s)(cos(e,q_r)-cos(e,q_0))) * brain fraction",
             })
             report.written.append(cid)
@@ -401,6 +410,7 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
             status = f"FAILED: {report.failed[cid]}"
         if progress:
             progress(i + 1, len(case_ids), cid, status)
-    summary = report.to_dict() | {"config": asdict(config), "clip_checkpoint": str(clip_ckpt), "clip_sha256": ckpt_sha}
+    summary = report.to_dict() | {"config": asdict(config), "clip_checkpoint": str(clip_ckpt), "clip_sha256": ckpt_sha,
+                                  "describer": describer}
     atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=1, default=str))
     return report

@@ -112,6 +112,10 @@ class Description(BaseModel):
         source: which describer produced it.
         model: model name (e.g. ``gpt-4o``) or the offline describer's version tag.
         prompt_version: prompt (or offline rule-set) version; part of the cache key.
+        prompt_hash: sha256 prefix of the prompt text and response schema (OpenAI) or of
+            the rule thresholds (offline); with ``source``, ``model`` and
+            ``prompt_version`` it is the describer identity
+            (:mod:`trifuse.semantic.provenance`). Empty in records made before it existed.
         slices: view → the slice each view description was made from (optional).
     """
 
@@ -122,6 +126,7 @@ class Description(BaseModel):
     source: Source
     model: str
     prompt_version: str
+    prompt_hash: str = ""
     slices: dict[View, SliceRef] = Field(default_factory=dict)
 
     @model_validator(mode="after")
