@@ -5,6 +5,7 @@ import torch
 from trifuse.losses.distill import (
     WarmupSchedule,
     binary_kl,
+    binary_kl_with_logits,
     feature_cosine_loss,
     response_kd_loss,
     semantic_prior_loss,
@@ -28,6 +29,19 @@ def test_response_loss_hand_value():
     val = response_kd_loss(zs, [zt], torch.ones(1), temperature=2.0)
     assert abs(float(val) - 4 * kl) < 1e-5
     assert abs(float(binary_kl(torch.tensor(p), torch.tensor(0.5))) - kl) < 1e-6
+
+
+def test_binary_kl_with_logits_matches_float64_and_grad():
+    a = torch.tensor([-30.0, -15.0, -2.0, 0.0, 2.0, 15.0, 30.0])[:, None]
+    b = torch.tensor([-30.0, -8.0, 0.0, 8.0, 30.0])[None, :]
+    p, q = torch.sigmoid(a.double()), torch.sigmoid(b.double())
+    ref = p * (torch.log(p) - torch.log(q)) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
+    bb = b.expand(7, 5).clone().requires_grad_()
+    kl = binary_kl_with_logits(a, bb)
+    torch.testing.assert_close(kl.double(), ref, atol=1e-5, rtol=1e-4)
+    assert torch.all(binary_kl_with_logits(a, a) == 0)
+    kl.sum().backward()  # ∂KL/∂b = σ(b) − σ(a)
+    torch.testing.assert_close(bb.grad.double(), (q - p).expand(7, 5), atol=1e-6, rtol=0)
 
 
 def test_teacher_weights_prefer_accurate_teacher():

@@ -160,10 +160,17 @@ class PatchDataset(Dataset):
         for k in (keys.MRI, keys.LABEL, keys.SEG, keys.BRAIN):
             sample[k] = _pad_to(sample[k], self.patch_size)
         record(sample, "RandomPatch", box=box, foreground=used_fg)
+        # the pixel tier simulates in the frame of the whole cached case (trifuse.physics.transforms),
+        # before spatial augmentation, so that its output is augmented together with the MRI
+        sample[keys.META]["case_frame"] = {"cache_dir": str(self.cache_dir)}
+        framed = [t for t in self.sample_transforms if getattr(t, "needs_case_frame", False)]
+        for t in framed:
+            sample = t(sample, gen)
         if self.augment is not None:
             sample = self.augment(sample, gen)
         for t in self.sample_transforms:
-            sample = t(sample, gen)
+            if not any(t is f for f in framed):
+                sample = t(sample, gen)
         return sample
 
 
@@ -290,13 +297,18 @@ class BratsDataModule(L.LightningDataModule):
     # --- transforms ------------------------------------------------------------------
     def _worker_transforms(self) -> list[SampleTransform]:
         if self.transforms_on_device:
-            return [t for t in self.sample_transforms if not getattr(t, "supports_batch", False)]
+            return [t for t in self.sample_transforms if not self._on_device(t)]
         return self.sample_transforms
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.transforms_on_device and isinstance(batch, dict):
+    def _on_device(self, t: SampleTransform) -> bool:
+        # case-frame transforms (pixel tier) must run before spatial augmentation: with
+        # augmentation on they stay in the workers
+        return getattr(t, "supports_batch", False) and not (self.augment and getattr(t, "needs_case_frame", False))
+
             for t in self.sample_transforms:
-                if getattr(t, "supports_batch", False):
+                if self._on_device(t):
                     batch = t(batch)
         return batch
 

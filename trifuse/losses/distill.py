@@ -18,15 +18,48 @@ import torch
 import torch.nn.functional as F
 
 
-def binary_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Element-wise ``KL(Bern(p) ‖ Bern(q))`` in nats."""
-    p = p.clamp(eps, 1 - eps)
-    q = q.clamp(eps, 1 - eps)
-    return p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+def fp32(device_type: str):
+    """Context that switches autocast off, so what runs inside computes in the dtype it is given.
+
+    Losses and gates call it and cast their inputs with ``.float()``: under ``16-mixed`` or
+    ``bf16-mixed`` they still compute in fp32 (DESIGN.md, "Numerics").
+    """
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def binary_kl_with_logits(teacher_logit: torch.Tensor, student_logit: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``KL(Bern(σ(a)) ‖ Bern(σ(b)))`` in nats, from the logits ``a`` (teacher), ``b`` (student).
+
+    In log space and fp32, without probability clamps: with ``p = σ(a)`` and ``softplus(x) = log(1 + eˣ)``,
+
+    ``KL = BCE_with_logits(b, p) − BCE_with_logits(a, p) = (1 − p)(b − a) + softplus(−b) − softplus(−a)``
+
+    (the cross-entropy to the student minus the teacher's entropy, written so that it is exactly
+    0 for ``a = b`` and has no cancellation of two large terms). Finite for every finite pair of
+    logits in any autocast dtype; ``∂KL/∂b = σ(b) − σ(a)``.
+
+    Shapes: any, broadcastable; returns fp32.
+    """
+    with fp32(student_logit.device.type):
+        a = teacher_logit.float()
+        b = student_logit.float()
+        p = torch.sigmoid(a)
+        return (1 - p) * (b - a) + F.softplus(-b) - F.softplus(-a)
+
+
+def binary_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``KL(Bern(p) ‖ Bern(q))`` of probabilities in (0, 1) (reference form, fp32).
+
+    Only for probabilities that are already known (e.g. tests); losses use
+    :func:`binary_kl_with_logits`, which never forms a probability it has to clamp.
+    """
+    return binary_kl_with_logits(torch.logit(p.double()), torch.logit(q.double())).to(torch.float32)
 
 
 def response_kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], weights: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """``T² Σ_m w_m · KL(σ(z_m/T) ‖ σ(z_s/T))``, averaged over voxels, summed over regions' weights.
+
+    Computed in fp32 from logits (:func:`binary_kl_with_logits`) whatever the autocast dtype.
 
     Args:
         student_logits: ``(B, R, *spatial)``.
@@ -35,22 +68,23 @@ def response_kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torc
         temperature: T.
 
     Returns:
-        scalar loss; exactly 0 when every teacher equals the student.
+        fp32 scalar loss; exactly 0 when every teacher equals the student.
     """
-    t = temperature
-    q = torch.sigmoid(student_logits / t)
+    t = float(temperature)
     m = len(teacher_logits)
-    w = weights
-    if w.ndim == 1:
-        w = w[:, None].expand(m, student_logits.shape[1])
-    if w.ndim == 2:
-        w = w[None].expand(student_logits.shape[0], m, student_logits.shape[1])
-    total = student_logits.new_zeros(())
-    for i, z in enumerate(teacher_logits):
-        p = torch.sigmoid(z.detach().to(student_logits.dtype) / t)
-        kl = binary_kl(p, q).flatten(2).mean(-1)  # (B, R)
-        total = total + (w[:, i] * kl).sum(-1).mean()
-    return t * t * total / student_logits.shape[1]
+    b, r = student_logits.shape[:2]
+    with fp32(student_logits.device.type):
+        zs = student_logits.float() / t
+        w = weights.detach().float()
+        if w.ndim == 1:
+            w = w[:, None].expand(m, r)
+        if w.ndim == 2:
+            w = w[None].expand(b, m, r)
+        total = zs.new_zeros(())
+        for i, z in enumerate(teacher_logits):
+            kl = binary_kl_with_logits(z.detach().float() / t, zs).flatten(2).mean(-1)  # (B, R)
+            total = total + (w[:, i] * kl).sum(-1).mean()
+        return t * t * total / r
 
 
 def teacher_weights(
@@ -65,29 +99,33 @@ def teacher_weights(
     """
     m = len(teacher_logits)
     b, r = teacher_logits[0].shape[:2]
-    score = teacher_logits[0].new_zeros(b, m, r)
-    if target is not None:
-        tgt = target.float().flatten(2)
-        for i, z in enumerate(teacher_logits):
-            p = torch.sigmoid(z.detach().float()).flatten(2)
-            dice = (2 * (p * tgt).sum(-1) + eps) / (p.sum(-1) + tgt.sum(-1) + eps)
-            score[:, i] += dice.to(score.dtype)
-    if alignment is not None:
-        a = alignment.detach().flatten(3).mean(-1)  # (B, M, M)
-        off = (a.sum(-1) - a.diagonal(dim1=1, dim2=2)) / max(m - 1, 1)
-        score = score + off[:, :, None].to(score.dtype)
-    return torch.softmax(score / tau, dim=1)
+    dev = teacher_logits[0].device
+    with fp32(dev.type):  # soft Dice sums and the softmax in fp32
+        score = torch.zeros(b, m, r, device=dev, dtype=torch.float32)
+        if target is not None:
+            tgt = target.float().flatten(2)
+            for i, z in enumerate(teacher_logits):
+                p = torch.sigmoid(z.detach().float()).flatten(2)
+                score[:, i] += (2 * (p * tgt).sum(-1) + eps) / (p.sum(-1) + tgt.sum(-1) + eps)
+        if alignment is not None:
+            a = alignment.detach().float().flatten(3).mean(-1)  # (B, M, M)
+            off = (a.sum(-1) - a.diagonal(dim1=1, dim2=2)) / max(m - 1, 1)
+            score = score + off[:, :, None]
+        return torch.softmax(score / tau, dim=1)
 
 
 def feature_cosine_loss(student_proj: torch.Tensor, fused: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``mean(1 − cos(P(F_s), F_fused))`` over locations; the fused target is detached.
 
     Shapes: both ``(B, C, *spatial)``; the student map is resized to the target's grid.
+    Computed in fp32 (a half-precision squared norm over 64+ channels overflows fp16).
     """
-    if student_proj.shape[2:] != fused.shape[2:]:
-        student_proj = F.interpolate(student_proj, size=fused.shape[2:], mode="trilinear", align_corners=False)
-    cos = F.cosine_similarity(student_proj, fused.detach().to(student_proj.dtype), dim=1, eps=eps)
-    return (1 - cos).mean()
+    with fp32(student_proj.device.type):
+        s = student_proj.float()
+        if s.shape[2:] != fused.shape[2:]:
+            s = F.interpolate(s, size=fused.shape[2:], mode="trilinear", align_corners=False)
+        cos = F.cosine_similarity(s, fused.detach().float(), dim=1, eps=eps)
+        return (1 - cos).mean()
 
 
 def semantic_prior_loss(attention: torch.Tensor, prior: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -96,11 +134,15 @@ def semantic_prior_loss(attention: torch.Tensor, prior: torch.Tensor, eps: float
     Args:
         attention: ``(B, R, D, H, W)`` maps in [0, 1] (region probabilities / gates).
         prior: ``(B, R, d, h, w)`` priors; the attention is average-pooled to their grid.
+
+    Computed in fp32 whatever the autocast dtype.
     """
-    if attention.shape[2:] != prior.shape[2:]:
-        attention = F.adaptive_avg_pool3d(attention, prior.shape[2:])
-    cos = F.cosine_similarity(attention.flatten(2), prior.detach().to(attention.dtype).flatten(2), dim=-1, eps=eps)
-    return (1 - cos).mean()
+    with fp32(attention.device.type):
+        att = attention.float()
+        if att.shape[2:] != prior.shape[2:]:
+            att = F.adaptive_avg_pool3d(att, prior.shape[2:])
+        cos = F.cosine_similarity(att.flatten(2), prior.detach().float().flatten(2), dim=-1, eps=eps)
+        return (1 - cos).mean()
 
 
 class WarmupSchedule:

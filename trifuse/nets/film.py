@@ -15,7 +15,11 @@ class FiLM(nn.Module):
         identity_init: zero the last layer so ``γ = 1, β = 0`` at initialisation.
 
     Shapes:
-        x ``(B, C, *spatial)``, cond ``(B, cond_dim)`` → ``(B, C, *spatial)``.
+        x ``(B, C, *spatial)``, cond ``(B, cond_dim)`` → ``(B, C, *spatial)`` in x's dtype.
+
+    Numerics: γ and β come from an fp32 MLP and the modulation is computed in fp32 (in bf16
+    ``1 + Δγ`` would round to 1 for |Δγ| < 4e-3, i.e. for a freshly initialised FiLM), then
+    cast back to x's dtype.
     """
 
     def __init__(self, cond_dim: int, channels: int, hidden: int = 128, identity_init: bool = True):
@@ -27,6 +31,7 @@ class FiLM(nn.Module):
             nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        dg, beta = self.mlp(cond).chunk(2, dim=-1)
-        shape = (x.shape[0], self.channels) + (1,) * (x.ndim - 2)
-        return (1 + dg).view(shape) * x + beta.view(shape)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dg, beta = self.mlp(cond.float()).chunk(2, dim=-1)
+            shape = (x.shape[0], self.channels) + (1,) * (x.ndim - 2)
+            return ((1 + dg).view(shape) * x.float() + beta.view(shape)).to(x.dtype)

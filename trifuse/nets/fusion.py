@@ -29,10 +29,13 @@ def cosine_alignment(feats: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         feats: ``(B, M, C, *spatial)`` projected features.
 
     Returns:
-        ``(B, M, M, *spatial)`` with ``A[:, i, j] = cos(feats[:, i], feats[:, j])`` over channels.
+        ``(B, M, M, *spatial)`` fp32 with ``A[:, i, j] = cos(feats[:, i], feats[:, j])`` over
+        channels; computed in fp32 whatever the autocast dtype (a half-precision squared norm
+        over 64 channels overflows fp16 for features of magnitude ~30).
     """
-    unit = feats / feats.norm(dim=2, keepdim=True).clamp_min(eps)
-    return torch.einsum("bic...,bjc...->bij...", unit, unit)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        unit = F.normalize(feats.float(), dim=2, eps=eps)
+        return torch.einsum("bic...,bjc...->bij...", unit, unit)
 
 
 def _windows(x: torch.Tensor, w: int) -> tuple[torch.Tensor, tuple]:

@@ -99,7 +99,7 @@ class StudentNet(nn.Module):
         gates = {}
         if self.use_semantic_attention:
             pr = prior if prior is not None else x.new_zeros((b, self.prior_channels) + tuple(s // 4 for s in x.shape[2:]))
-            chans = list(logits.unbind(1))
+            chans = list(logits.float().unbind(1))  # the gated logits are fp32 (log-space gates)
             for r in ("TC", "ET"):
                 i = keys.REGIONS.index(r)
                 gated, gate = self.gates[r](chans[i].unsqueeze(1), feats["dec0"], pr)
