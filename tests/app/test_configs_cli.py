@@ -66,7 +66,7 @@ def test_every_config_parses(name, files):
         modality = name[len("teacher_") : -len(".yaml")]
         args = cfg["model"]["init_args"]
         assert args["modality"] == modality
-        assert args["net"]["init_args"]["in_channels"] == {"mri": 4, "us": 1, "ct": 1}[modality]
+        assert args["net"]["init_args"]["in_channels"] == {"mri": 4, "us": 1, "ct": 2}[modality]
         assert cfg["trainer"]["default_root_dir"] == f"runs/teachers/{modality}"
         ckpt = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
         assert ckpt["init_args"]["dirpath"] == f"runs/teachers/{modality}/checkpoints" and ckpt["init_args"]["save_last"]
@@ -107,9 +107,9 @@ def test_patch_size_links_to_roi(tmp_path, monkeypatch):
 
 def test_in_channels_follow_the_inputs(tmp_path, monkeypatch):
     cli = _cli_instance(tmp_path, monkeypatch, "-c", str(CPU), "-c", str(SYNTH), "-c", str(MRI_T), "--model.init_args.inputs=[mri,ct]")
-    assert cli.model.inputs == ("mri", "ct") and cli.model.net.in_channels == 5
+    assert cli.model.inputs == ("mri", "ct") and cli.model.net.in_channels == 6
     # the checkpoint's hparams are the config, with the linked value
-    assert cli.model.hparams["net"]["init_args"]["in_channels"] == 5
+    assert cli.model.hparams["net"]["init_args"]["in_channels"] == 6
 
 
 def test_demo_config_trains_on_tiny_data(tmp_path):

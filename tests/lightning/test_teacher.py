@@ -20,14 +20,14 @@ def small_net(in_channels=4):
 
 def test_inputs_and_channels():
     assert resolve_inputs("us") == ("us",) and resolve_inputs("mri", ["mri", "ct"]) == ("mri", "ct")
-    assert input_channels(["mri"]) == 4 and input_channels(["mri", "us", "ct"]) == 6
+    assert input_channels(["mri"]) == 4 and input_channels(["mri", "us", "ct"]) == 7
     with pytest.raises(ValueError, match="modality must be one of"):
         resolve_inputs("pet")
     with pytest.raises(ValueError, match="unknown input key"):
         resolve_inputs("mri", ["mri", "pet"])
     with pytest.raises(ValueError, match="in_channels=4 but inputs \\['us'\\] give 1 channel"):
         TeacherModule(modality="us", net=small_net(4))
-    assert TeacherModule(modality="ct", net=small_net(1)).in_channels == 1
+    assert TeacherModule(modality="ct", net=small_net(2)).in_channels == 2
 
 
 def test_missing_input_names_the_pixel_tier_transform():

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from trifuse import keys
-from trifuse.physics.ct import CTMixtureModel, fit_ct_from_samples, fit_ct_gmr, fit_ct_mixture, fit_gmm, synthesize_ct
+from trifuse.physics.ct import (
+    CTMixtureModel,
+    decode_ct,
+    encode_ct,
+    fit_ct_from_samples,
+    fit_ct_gmr,
+    fit_ct_mixture,
+    fit_gmm,
+    synthesize_ct,
+    synthesize_ct_hu,
+)
 from trifuse.physics.phantom import TISSUE_CODE, make_head_phantom
 from trifuse.physics.tissues import BRAIN_TISSUES, TISSUES
 from trifuse.physics.transforms import SynthesizeCT
@@ -31,12 +41,40 @@ def test_em_recovers_component_means_and_weights():
         assert fit.converged
 
 
-def test_fit_names_components_by_contrast_profile():
-    x, _, _ = _two_tissue()
-    model = fit_ct_mixture(x, n_components=2, init="kmeans++", seed=1)
-    low, high = model.means[:, 3].argmin(), model.means[:, 3].argmax()
-    assert model.tissues[low] == "csf" and model.tissues[high] == "oedema"
-    assert model.hu_mean[low] == TISSUES["csf"].hu_mean and model.hu_sd[high] == TISSUES["oedema"].hu_sd
+def _phantom_features(names, n=3000, seed=0, shift=0.3, scale=0.8):
+    """Brain-voxel features of K_true tissues whose cluster means are NOT the profile means
+    (shifted and scaled, as a real scanner's contrast would be), so naming is not circular."""
+    from trifuse.physics.tissues import DEFAULT_TISSUE_MODEL as TM
+
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for i, nme in enumerate(names):
+        mu = torch.tensor(TM.means[TM.names.index(nme)]) * scale + shift * torch.tensor([1.0, -1.0, 0.5, -0.5])
+        xs.append(mu + 0.35 * torch.randn(n * (2 if i == 0 else 1), 4, generator=g))
+    return torch.cat(xs)
+
+
+@pytest.mark.parametrize("init", ["tissue", "kmeans++"])
+def test_em_ends_with_live_uniquely_named_components(init):
+    true = ("csf", "grey_matter", "white_matter")  # a lesion-free phantom: K_true = 3
+    x = _phantom_features(true)
+    model = fit_ct_mixture(x, n_components=6, init=init, seed=0, min_weight=0.02)
+    assert float(model.weights.min()) >= 0.02  # no dead component left
+    assert len(set(model.tissues)) == len(model.tissues)  # one to one
+    for t in true:  # each true tissue is named, by the component that holds most of its voxels
+        assert t in model.tissues
+    # no lesion tissue claimed on a lesion-free phantom by a heavy component
+    lesion = {"oedema", "enhancing", "necrosis"}
+    assert sum(float(w) for w, n in zip(model.weights, model.tissues) if n in lesion) < 0.1
+    if init == "tissue":  # three profiles had no data: their components died and were re-seeded or pruned
+        assert any(e[0] in ("reseed", "prune") for e in model.meta["events"])
+
+
+def test_fit_gmm_prunes_what_stays_dead():
+    x = _phantom_features(("white_matter",), n=2000)  # one cluster, four components asked
+    fit = fit_gmm(x, 4, seed=0, min_weight=0.3, n_reseed=1)
+    assert float(fit.weights.min()) >= 0.3 and len(fit.weights) < 4
+    assert [e[0] for e in fit.events].count("prune") == 4 - len(fit.weights)
 
 
 def test_synthetic_ct_per_tissue_in_table_hu_ranges():
@@ -44,8 +82,9 @@ def test_synthetic_ct_per_tissue_in_table_hu_ranges():
     tissue = s["tissue"][0]
     for model in (None, fit_ct_from_samples([s], n_components=6, seed=0)):
         ct = synthesize_ct(s[keys.MRI], s[keys.BRAIN], model, spacing=(1, 1, 1))
-        assert ct.shape == (1, 40, 44, 40) and ct.dtype == torch.float32
-        hu = ct[0] * 1000
+        assert ct.shape == (keys.CT_CHANNELS, 40, 44, 40) and ct.dtype == torch.float32
+        hu = synthesize_ct_hu(s[keys.MRI], s[keys.BRAIN], model, spacing=(1, 1, 1))[0]
+        torch.testing.assert_close(encode_ct(hu[None]), ct)
         for name in BRAIN_TISSUES:
             m = tissue == TISSUE_CODE[name]
             if m.sum() < 20:
@@ -53,15 +92,15 @@ def test_synthetic_ct_per_tissue_in_table_hu_ranges():
             lo, hi = TISSUES[name].hu_range
             med = hu[m].median().item()
             assert lo - 1 <= med <= hi + 1, (name, med)
-    ct = synthesize_ct(s[keys.MRI], s[keys.BRAIN], None, spacing=(1, 1, 1))[0]
+    hu = synthesize_ct_hu(s[keys.MRI], s[keys.BRAIN], None, spacing=(1, 1, 1))[0]
     brain = s[keys.BRAIN][0]
     # a bright skull ring a few mm outside the brain, air further out
-    assert ct[0, 0, 0] == -1.0 and ct.min() == -1.0 and ct.max() <= 1.0
-    ring = ct[~brain & (ct > 0.6)]
+    assert hu[0, 0, 0] == -1000.0 and hu.min() == -1000.0
+    ring = hu[~brain & (hu > 600)]
     assert ring.numel() > 0.05 * brain.sum()
     # a radial profile with room for every layer: air, scalp, skull, CSF gap, brain
     s = make_head_phantom((60, 64, 60), seed=0, noise=0.05, margin_mm=14.0)
-    hu = synthesize_ct(s[keys.MRI], s[keys.BRAIN], None, spacing=(1, 1, 1))[0, 30, 32, :30] * 1000
+    hu = synthesize_ct_hu(s[keys.MRI], s[keys.BRAIN], None, spacing=(1, 1, 1))[0, 30, 32, :30]
     first = int(s[keys.BRAIN][0, 30, 32, :30].nonzero()[0])  # first brain voxel
     assert hu[0] == -1000  # air
     assert ((hu[:first] > 20) & (hu[:first] < 60)).any()  # scalp
@@ -74,9 +113,33 @@ def test_sample_mode_seeded_and_different_from_expectation(phantom):
     a = synthesize_ct(phantom[keys.MRI], phantom[keys.BRAIN], mode="sample", generator=torch.Generator().manual_seed(0))
     b = synthesize_ct(phantom[keys.MRI], phantom[keys.BRAIN], mode="sample", generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and not torch.equal(a, e)
-    assert a.min() >= -1 and a.max() <= 1
-    brain = phantom[keys.BRAIN]
-    assert abs((a[brain] - e[brain]).mean().item()) < 0.005  # unbiased around the expectation
+    assert a.min() >= 0 and a.max() <= 1 and a.shape[0] == keys.CT_CHANNELS
+    brain = phantom[keys.BRAIN][0]
+    hu_a, hu_e = decode_ct(a)[0], decode_ct(e)[0]
+    assert abs((hu_a[brain] - hu_e[brain]).mean().item()) < 5.0  # unbiased around the expectation (HU)
+
+
+def test_ct_windows_give_brain_contrast_and_unsaturated_bone():
+    s = make_head_phantom((60, 64, 60), seed=0, noise=0.25, margin_mm=14.0)
+    brain, tissue = s[keys.BRAIN][0], s["tissue"][0]
+    ct = synthesize_ct(s[keys.MRI], s[keys.BRAIN], fit_ct_from_samples([s], n_components=6, seed=0), spacing=(1, 1, 1))
+    names = [n for n, _, _ in keys.CT_WINDOWS]
+    bw, bone = ct[names.index("brain")], ct[names.index("bone")]
+    # brain tissues span at least 20 % of the brain-window channel (1st to 99th percentile of brain voxels)
+    q = torch.quantile(bw[brain].float(), torch.tensor([0.01, 0.99]))
+    assert float(q[1] - q[0]) >= 0.2
+    per_tissue = [float(bw[tissue == TISSUE_CODE[t]].median()) for t in ("csf", "white_matter", "grey_matter")]
+    assert per_tissue == sorted(per_tissue) and per_tissue[-1] - per_tissue[0] >= 0.2
+    # bone not saturated in the bone window over more than 5 % of the skull, in both modes
+    hu = synthesize_ct_hu(s[keys.MRI], s[keys.BRAIN], None, spacing=(1, 1, 1))[0]
+    skull = ~brain & (hu > 600)
+    assert skull.sum() > 1000
+    assert float((bone[skull] >= 1.0).float().mean()) <= 0.05
+    sample = synthesize_ct(s[keys.MRI], s[keys.BRAIN], None, "sample", torch.Generator().manual_seed(0))
+    assert float((sample[names.index("bone")][skull] >= 1.0).float().mean()) <= 0.05
+    # the encoding is stated once: decode(encode(HU)) is exact inside the windows
+    x = torch.tensor([-1000.0, -200.0, 5.0, 40.0, 79.0, 900.0, 1800.0]).view(1, 1, 7, 1, 1)
+    torch.testing.assert_close(decode_ct(encode_ct(x)), x, atol=1e-3, rtol=0)
 
 
 def test_save_load_roundtrip_atomic_and_validated(tmp_path):
@@ -119,7 +182,7 @@ def test_transform_dict_batch_and_path(tmp_path, phantom_pair):
     assert model.meta["n_cases"] == 2 and model.meta["n_voxels"] == 5000
     path = model.save(tmp_path / "m.json")
     out = SynthesizeCT(path)(s)
-    assert out[keys.CT].shape == (1, 32, 32, 32) and out[keys.CT].dtype == torch.float32
+    assert out[keys.CT].shape == (keys.CT_CHANNELS, 32, 32, 32) and out[keys.CT].dtype == torch.float32
     rec = out[keys.META]["applied"][-1]
     assert rec["name"] == "SynthesizeCT" and rec["mode"] == "expectation" and rec["model"] == str(path)
     batch = {keys.MRI: torch.stack([p[keys.MRI] for p in phantom_pair]),
@@ -129,7 +192,7 @@ def test_transform_dict_batch_and_path(tmp_path, phantom_pair):
     for mode in ("expectation", "sample"):
         t = SynthesizeCT(model, mode=mode, seed=5)
         bo = t(batch)
-        assert bo[keys.CT].shape == (2, 1, 32, 32, 32)
+        assert bo[keys.CT].shape == (2, keys.CT_CHANNELS, 32, 32, 32)
         for i, p in enumerate(phantom_pair):
             torch.testing.assert_close(bo[keys.CT][i], t(p)[keys.CT])
     with pytest.raises(FileNotFoundError):

@@ -45,7 +45,7 @@ from torchmetrics import Metric
 from trifuse import keys
 
 #: channels of each image key of the sample (DESIGN.md, "The sample")
-INPUT_CHANNELS = {keys.MRI: len(keys.MODALITIES), keys.US: 1, keys.CT: 1}
+INPUT_CHANNELS = {keys.MRI: len(keys.MODALITIES), keys.US: 1, keys.CT: keys.CT_CHANNELS}
 
 #: sample transforms that derive a non-MRI input from the MRI (pixel tier)
 INPUT_TRANSFORMS = {

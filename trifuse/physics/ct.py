@@ -20,8 +20,11 @@ Med. Phys. 39(3):1518, 2012)::
 :func:`synthesize_ct` fills brain voxels from the mixture (conditional expectation
 or a sample), then adds a CSF gap, a skull shell (dilation ring of the brain mask,
 thickness in mm, diploë darker than the inner/outer tables), scalp and air, so the
-result reads as a head CT. Output is HU/1000 clipped to [-1, 1]: air = -1.0, brain
-about 0.02-0.045, skull 0.7-1.0.
+result reads as a head CT. Output is encoded in the windows of
+:data:`trifuse.keys.CT_WINDOWS` (:func:`encode_ct`), one channel each in [0, 1]: a brain
+window (0-80 HU: brain tissues fill about half of it) and a wide bone window
+(-1000-2200 HU: air 0, skull 0.56-0.88, never saturated). HU/1000 in one channel left
+the brain tissues 2 % of the range and a network could not see into them.
 """
 from __future__ import annotations
 
@@ -53,8 +56,12 @@ __all__ = [
     "fit_ct_gmr",
     "fit_ct_from_samples",
     "synthesize_ct",
+    "synthesize_ct_hu",
+    "encode_ct",
+    "decode_ct",
     "outside_hu",
     "name_components",
+    "UNASSIGNED",
     "FORMAT",
     "VERSION",
 ]
@@ -96,7 +103,11 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, existing: to
 
 @dataclass
 class GMMFit:
-    """Result of :func:`fit_gmm`: weights (K,), means (K,F), covariances (K,F,F)."""
+    """Result of :func:`fit_gmm`: weights (K,), means (K,F), covariances (K,F,F).
+
+    ``events`` lists what happened to dead components: ``("reseed", k, weight)`` and
+    ``("prune", k, weight)`` (k = index at the time).
+    """
 
     weights: torch.Tensor
     means: torch.Tensor
@@ -104,6 +115,21 @@ class GMMFit:
     log_likelihood: float
     n_iter: int
     converged: bool
+    events: list = field(default_factory=list)
+
+
+def _m_step(x: torch.Tensor, resp: torch.Tensor, covariance_type: str, reg_covar: float):
+    n, f = x.shape
+    nk = resp.sum(0) + 1e-10  # (K,)
+    weights = nk / n
+    means = (resp.T @ x) / nk[:, None]
+    diff = x[None] - means[:, None]  # (K, N, F)
+    if covariance_type == "full":
+        covs = torch.einsum("kn,knf,kng->kfg", resp.T, diff, diff) / nk[:, None, None]
+    else:
+        covs = torch.diag_embed(torch.einsum("kn,knf->kf", resp.T, diff**2) / nk[:, None])
+    covs = covs + reg_covar * torch.eye(f, dtype=x.dtype, device=x.device)
+    return weights, means, covs
 
 
 def fit_gmm(
@@ -116,11 +142,17 @@ def fit_gmm(
     max_iter: int = 200,
     tol: float = 1e-4,
     reg_covar: float = 1e-3,
+    min_weight: float = 1e-3,
+    n_reseed: int = 2,
 ) -> GMMFit:
     """Fit a Gaussian mixture by expectation-maximisation (Dempster et al. 1977).
 
     Written in torch (not scikit-learn) so it runs on the device next to the data and
-    needs no extra dependency; it is the textbook EM with a covariance floor.
+    needs no extra dependency; it is the textbook EM with a covariance floor, plus
+    the usual handling of dead components: a component whose weight falls below
+    ``min_weight`` after EM converges is re-seeded at the worst-explained voxels (at
+    most ``n_reseed`` rounds) and, if it dies again, pruned; EM then runs on. The
+    result has no component below ``min_weight`` (K may be smaller than asked).
 
     Args:
         x: (N, F) features.
@@ -128,10 +160,13 @@ def fit_gmm(
         covariance_type: ``"full"`` or ``"diag"``.
         init_means: optional (K0, F) initial means, K0 <= K; the rest come from
             k-means++ seeding.
-        seed: seeds the k-means++ draws.
-        max_iter: EM iterations at most.
+        seed: seeds the k-means++ draws and re-seeding.
+        max_iter: EM iterations at most per round.
         tol: stop when the mean log-likelihood improves by less than this.
         reg_covar: added to covariance diagonals (z-score units squared).
+        min_weight: smallest weight a component may end with (default 0.1 %: a small
+            enhancing rim is about 1 % of the brain voxels and must survive).
+        n_reseed: re-seeding rounds before dead components are pruned.
 
     Returns:
         :class:`GMMFit` in float64.
@@ -148,46 +183,103 @@ def fit_gmm(
     means = _kmeans_pp(xc, n_components, gen, init).to(x.device)
     # initial responsibilities: hard nearest-centre assignment, then one M-step
     resp = torch.nn.functional.one_hot(torch.cdist(x, means).argmin(1), n_components).to(x.dtype)
-    eye = torch.eye(f, dtype=x.dtype, device=x.device)
-    prev = -math.inf
+    weights, means, covs = _m_step(x, resp, covariance_type, reg_covar)
+    events: list = []
+    total_it = 0
     converged = False
-    ll = prev
-    it = 0
-    for it in range(1, max_iter + 1):
-        # M-step
-        nk = resp.sum(0) + 1e-10  # (K,)
-        weights = nk / n
-        means = (resp.T @ x) / nk[:, None]
-        diff = x[None] - means[:, None]  # (K, N, F)
-        if covariance_type == "full":
-            covs = torch.einsum("kn,knf,kng->kfg", resp.T, diff, diff) / nk[:, None, None]
-        else:
-            covs = torch.diag_embed(torch.einsum("kn,knf->kf", resp.T, diff**2) / nk[:, None])
-        covs = covs + reg_covar * eye
-        # E-step
-        logp = _gauss_logpdf(x, means, covs) + torch.log(weights)[None]
-        lse = torch.logsumexp(logp, 1, keepdim=True)
-        resp = torch.exp(logp - lse)
-        ll = lse.mean().item()
-        if abs(ll - prev) < tol:
-            converged = True
+    ll = -math.inf
+    for rnd in range(n_reseed + 2):
+        prev = -math.inf
+        converged = False
+        for _ in range(max_iter):
+            total_it += 1
+            # E-step
+            logp = _gauss_logpdf(x, means, covs) + torch.log(weights.clamp_min(1e-300))[None]
+            lse = torch.logsumexp(logp, 1, keepdim=True)
+            resp = torch.exp(logp - lse)
+            ll = lse.mean().item()
+            # M-step
+            weights, means, covs = _m_step(x, resp, covariance_type, reg_covar)
+            if abs(ll - prev) < tol:
+                converged = True
+                break
+            prev = ll
+        dead = (weights < min_weight).nonzero().flatten().tolist()
+        if not dead:
             break
-        prev = ll
-    return GMMFit(weights, means, covs, ll, it, converged)
+        if rnd < n_reseed:
+            # re-seed at the voxels the mixture explains worst (lowest log-likelihood)
+            worst = lse[:, 0].argsort()[: max(len(dead) * 50, n // 100)]
+            pick = worst[torch.randperm(len(worst), generator=gen)[: len(dead)].to(worst.device)]
+            live_cov = covs[weights >= min_weight].mean(0) if bool((weights >= min_weight).any()) else covs.mean(0)
+            for j, k in enumerate(dead):
+                events.append(("reseed", int(k), float(weights[k])))
+                means[k] = x[pick[j]]
+                covs[k] = live_cov * 0.25 + reg_covar * torch.eye(f, dtype=x.dtype, device=x.device)
+                weights[k] = min_weight
+            weights = weights / weights.sum()
+        else:
+            keep = weights >= min_weight
+            for k in dead:
+                events.append(("prune", int(k), float(weights[k])))
+            weights, means, covs = weights[keep] / weights[keep].sum(), means[keep], covs[keep]
+            if rnd == n_reseed + 1:
+                break
+    return GMMFit(weights, means, covs, ll, total_it, converged, events)
 
 
-def name_components(means: torch.Tensor, model: TissueModel = DEFAULT_TISSUE_MODEL) -> list[str]:
-    """Name each component by the tissue whose contrast profile explains its mean best.
+#: name of a component that matches no tissue profile one to one (``unassigned_<k>``)
+UNASSIGNED = "unassigned"
+
+
+def name_components(means: torch.Tensor, model: TissueModel = DEFAULT_TISSUE_MODEL, max_distance: float = 3.0,
+                    max_gap: float = 4.0) -> list[str]:
+    """Name components one to one by their mean contrast profile (Hungarian assignment).
+
+    The cost of giving tissue t to component k is the profile's negative
+    log-likelihood of the component mean; the optimal one-to-one assignment is
+    :func:`scipy.optimize.linear_sum_assignment` (Kuhn-Munkres). A component is
+    ``"unassigned_<k>"`` when it is left over (K > tissues), when its assigned profile
+    is further than ``max_distance`` profile standard deviations (RMS over the
+    contrasts), or when the assignment had to give it a tissue more than ``max_gap``
+    nats less likely than its nearest one (a split piece of a tissue another
+    component already holds). Names are unique, and no tissue is claimed by a
+    component that does not look like it.
 
     Args:
         means: (K, 4) component means in z-score space (T1, T1ce, T2, FLAIR).
         model: tissue contrast profiles.
+        max_distance: gate in profile standard deviations.
+        max_gap: gate on the log-likelihood lost against the nearest profile.
 
     Returns:
-        K tissue names from ``model.names`` (several components may share one).
+        K unique names: tissue names from ``model.names`` or ``unassigned_<k>``.
     """
+    from scipy.optimize import linear_sum_assignment
+
+    m = means.to(torch.float64).cpu()
+    pm, ps, _ = model.tensors(dtype=torch.float64)
+    z2 = (((m[:, None, :] - pm[None]) / ps[None]) ** 2).mean(-1)  # (K, T) mean squared z-distance
+    cost = -model.log_likelihood_of(m).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    names = [f"{UNASSIGNED}_{k}" for k in range(len(m))]
+    best = cost.min(1)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if float(z2[r, c]) <= max_distance**2 and float(cost[r, c] - best[r]) <= max_gap:
+            names[r] = model.names[c]
+    return names
+
+
+def _tissue_hu(names: list[str], means: torch.Tensor, model: TissueModel = DEFAULT_TISSUE_MODEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hu_mean, hu_sd) per component: the tissue's table HU; an unassigned component gets the
+    HU of the profile nearest its mean (it is still brain tissue, just not one named uniquely)."""
     ll = model.log_likelihood_of(means.to(torch.float32).cpu())
-    return [model.names[i] for i in ll.argmax(1).tolist()]
+    hm, hs = [], []
+    for k, nme in enumerate(names):
+        t = nme if nme in TISSUES else model.names[int(ll[k].argmax())]
+        hm.append(TISSUES[t].hu_mean)
+        hs.append(TISSUES[t].hu_sd)
+    return torch.tensor(hm, dtype=torch.float64), torch.tensor(hs, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------
@@ -438,6 +530,15 @@ def _features_from(features) -> torch.Tensor:
     return torch.cat([torch.as_tensor(f) for f in features], 0)
 
 
+def _log_fit(model: "CTMixtureModel") -> None:
+    import logging
+
+    log = logging.getLogger(__name__)
+    for ev in model.meta.get("events", []):
+        log.info("CT mixture EM: %s component %d (weight %.2e)", *ev)
+    log.info("%s", model.summary())
+
+
 def fit_ct_mixture(
     features: torch.Tensor | Iterable[torch.Tensor],
     n_components: int = 6,
@@ -448,6 +549,7 @@ def fit_ct_mixture(
     init: str = "tissue",
     max_iter: int = 200,
     tissue_model: TissueModel = DEFAULT_TISSUE_MODEL,
+    min_weight: float = 1e-3,
 ) -> CTMixtureModel:
     """Fit the unpaired CT mixture on brain-voxel MRI features.
 
@@ -462,9 +564,13 @@ def fit_ct_mixture(
             K > 6), ``"kmeans++"`` uses seeding only.
         max_iter: EM iterations at most.
         tissue_model: profiles used for initialisation and naming.
+        min_weight: dead components below this weight are re-seeded, then pruned
+            (:func:`fit_gmm`).
 
     Returns:
-        :class:`CTMixtureModel` whose components carry tissue names and table HU.
+        :class:`CTMixtureModel` whose components carry unique tissue names
+        (:func:`name_components`) and table HU; ``meta["events"]`` lists re-seeded and
+        pruned components. The weights and names are logged.
     """
     x = _features_from(features).to(torch.float64)
     if x.dim() != 2:
@@ -478,19 +584,26 @@ def fit_ct_mixture(
         init_means = torch.tensor(tissue_model.means, dtype=torch.float64)
     elif init not in ("tissue", "kmeans++"):
         raise ValueError(f"init must be 'tissue' or 'kmeans++', got {init!r}")
-    fit = fit_gmm(x, n_components, covariance_type=covariance_type, init_means=init_means, seed=seed, max_iter=max_iter)
-    names = name_components(fit.means, tissue_model) if x.shape[1] == len(tissue_model.means[0]) else ["grey_matter"] * n_components
-    return CTMixtureModel(
+    fit = fit_gmm(x, n_components, covariance_type=covariance_type, init_means=init_means, seed=seed, max_iter=max_iter,
+                  min_weight=min_weight)
+    if x.shape[1] != len(tissue_model.means[0]):
+        raise ValueError(f"features have {x.shape[1]} columns; naming needs the {len(tissue_model.means[0])} MRI contrasts")
+    names = name_components(fit.means, tissue_model)
+    hu_m, hu_s = _tissue_hu(names, fit.means, tissue_model)
+    model = CTMixtureModel(
         weights=fit.weights.cpu(),
         means=fit.means.cpu(),
         covariances=fit.covariances.cpu(),
         tissues=names,
-        hu_mean=torch.tensor([TISSUES[t].hu_mean for t in names], dtype=torch.float64),
-        hu_sd=torch.tensor([TISSUES[t].hu_sd for t in names], dtype=torch.float64),
+        hu_mean=hu_m,
+        hu_sd=hu_s,
         covariance_type=covariance_type,
         meta={"form": "tissue_table", "fitted": True, "seed": int(seed), "n_voxels": int(len(x)),
-              "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged},
+              "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged,
+              "min_weight": float(min_weight), "events": [list(e) for e in fit.events]},
     )
+    _log_fit(model)
+    return model
 
 
 def fit_ct_gmr(
@@ -535,12 +648,14 @@ def fit_ct_gmr(
     coef = torch.linalg.solve(sxx, sxy)[..., 0]  # (K, F): Σ_xx⁻¹ Σ_x,CT (Σ symmetric)
     cond_var = (syy[:, 0, 0] - (coef * sxy[..., 0]).sum(1)).clamp_min(1.0)
     means_x = fit.means[:, :f]
-    names = name_components(means_x, tissue_model) if f == len(tissue_model.means[0]) else ["grey_matter"] * n_components
+    k_fit = len(fit.weights)
+    names = name_components(means_x, tissue_model) if f == len(tissue_model.means[0]) else [f"component_{k}" for k in range(k_fit)]
     return CTMixtureModel(
         weights=fit.weights, means=means_x, covariances=sxx, tissues=names,
         hu_mean=fit.means[:, f] * scale, hu_sd=cond_var.sqrt(), coef=coef, covariance_type="full",
         meta={"form": "gmr", "fitted": True, "seed": int(seed), "n_voxels": int(len(joint)),
-              "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged},
+              "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged,
+              "events": [list(e) for e in fit.events]},
     )
 
 
@@ -610,7 +725,59 @@ def outside_hu(distance_mm: torch.Tensor, head: HeadConfig = HeadConfig()) -> to
     return torch.where(distance_mm <= g, TISSUES["csf"].hu_mean, hu)
 
 
-def synthesize_ct(
+def encode_ct(hu: torch.Tensor, windows=keys.CT_WINDOWS) -> torch.Tensor:
+    """HU -> the network encoding of :data:`trifuse.keys.CT_WINDOWS`.
+
+    Args:
+        hu: (B, 1, D, H, W) (or (1, D, H, W)) CT numbers in HU.
+
+    Returns:
+        (B, C, D, H, W) (or (C, D, H, W)) float32, channel c = clip((HU − low_c) / (high_c − low_c), 0, 1).
+    """
+    ch = 1 if hu.dim() == 5 else 0
+    return torch.cat([((hu - lo) / (hi - lo)).clamp(0.0, 1.0) for _, lo, hi in windows], ch).float()
+
+
+def decode_ct(ct: torch.Tensor, windows=keys.CT_WINDOWS) -> torch.Tensor:
+    """Approximate HU back from the encoding: the brain window where it is not clipped, else the widest window.
+
+    Args:
+        ct: (B, C, D, H, W) or (C, D, H, W) from :func:`encode_ct`.
+
+    Returns:
+        (B, 1, …) or (1, …) HU.
+    """
+    ch = 1 if ct.dim() == 5 else 0
+    wide = max(range(len(windows)), key=lambda i: windows[i][2] - windows[i][1])
+    hu = None
+    for i in sorted(range(len(windows)), key=lambda i: -(windows[i][2] - windows[i][1])):  # widest first
+        _, lo, hi = windows[i]
+        c = ct.narrow(ch, i, 1)
+        v = lo + c * (hi - lo)
+        hu = v if i == wide else torch.where((c > 0) & (c < 1), v, hu)
+    return hu
+
+
+def synthesize_ct(*args, **kwargs) -> torch.Tensor:
+    """Synthetic head CT in the network encoding (:func:`encode_ct` of :func:`synthesize_ct_hu`).
+
+    Same arguments as :func:`synthesize_ct_hu`. Returns (B, C, D, H, W) (or (C, D, H, W))
+    float32 with C = :data:`trifuse.keys.CT_CHANNELS`, each channel in [0, 1].
+    """
+    return encode_ct(synthesize_ct_hu(*args, **kwargs))
+
+
+def outside_hu_map(brain: torch.Tensor, spacing: Sequence[float], head: HeadConfig = HeadConfig()) -> torch.Tensor:
+    """HU of the head layers (:func:`outside_hu`) over a grid, from its brain mask (B, 1, D, H, W) -> (B, 1, D, H, W).
+
+    Evaluated on the ~2 mm grid of the distance (``head.coarse_mm``, pooled from voxel 0
+    of the grid) and trilinearly upsampled, which gives the shell partial-volume edges.
+    """
+    dist_c, fac = coarse_distance_mm(brain.bool(), spacing, head.total_mm, head.coarse_mm)
+    return upsample(outside_hu(dist_c, head), fac, brain.shape[2:]).contiguous()
+
+
+def synthesize_ct_hu(
     mri: torch.Tensor,
     brain: torch.Tensor,
     model: CTMixtureModel | None = None,
@@ -618,8 +785,9 @@ def synthesize_ct(
     generator: torch.Generator | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     head: HeadConfig = HeadConfig(),
+    outside: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Synthetic head CT from z-scored MRI.
+    """Synthetic head CT in HU from z-scored MRI.
 
     Brain voxels get the mixture's CT (only brain voxels are evaluated). Outside the
     brain the HU is a function of the distance to it (:func:`outside_hu`), evaluated
@@ -634,9 +802,12 @@ def synthesize_ct(
         generator: torch.Generator on mri's device (``"sample"`` mode).
         spacing: voxel size in mm (D, H, W), for the shell thicknesses.
         head: thickness of CSF gap, skull and scalp in mm.
+        outside: optional (B, 1, D, H, W) HU of the head layers (:func:`outside_hu_map`)
+            computed in a larger frame (the whole case of a training patch), so that
+            brain outside the patch still puts its skull into the patch.
 
     Returns:
-        (B, 1, D, H, W) (or (1, D, H, W)) float32 CT in HU/1000 clipped to [-1, 1].
+        (B, 1, D, H, W) (or (1, D, H, W)) float32 CT in HU (air −1000).
     """
     if mode not in ("expectation", "sample"):
         raise ValueError(f"mode must be 'expectation' or 'sample', got {mode!r}")
@@ -648,8 +819,14 @@ def synthesize_ct(
         raise ValueError(f"mri has {mri.shape[1]} channels, the CT model expects {model.n_features} ({model.feature_names})")
     brain = brain.bool()
     b, c = mri.shape[:2]
-    dist_c, fac = coarse_distance_mm(brain, spacing, head.total_mm, head.coarse_mm)
-    out = upsample(outside_hu(dist_c, head), fac, mri.shape[2:]).contiguous()
+    if outside is None:
+        out = outside_hu_map(brain, spacing, head)
+    else:
+        if unbatched and outside.dim() == 4:
+            outside = outside[None]
+        if outside.shape != brain.shape:
+            raise ValueError(f"outside HU map {tuple(outside.shape)} must have the brain mask's shape {tuple(brain.shape)}")
+        out = outside.to(device=mri.device, dtype=torch.float32).clone()
     if mode == "sample":
         # texture of bone and soft tissue (brain voxels are overwritten below)
         out = out + 0.5 * TISSUES["skull"].hu_sd * torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype) \
@@ -662,5 +839,5 @@ def synthesize_ct(
         for sel in idx.split(n):  # chunks: cache-resident intermediates (see voxel_chunk)
             x = src.index_select(1, sel).float()[None]
             flat[i].index_copy_(0, sel, model.predict_hu(x, mode, generator)[0].to(flat.dtype))
-    out = (out / 1000.0).clamp_(-1.0, 1.0).float()
+    out = out.float()
     return out[0] if unbatched else out

@@ -1,14 +1,18 @@
-"""Tri-planar figure of the pixel tier: T1ce, FLAIR, simulated US, synthetic CT.
+"""Tri-planar figure of the pixel tier: T1ce, FLAIR, simulated US (as trained and native), synthetic CT.
 
-``render_physics_figure(sample, out_png)`` draws a 3×4 grid: rows are the axial,
+``render_physics_figure(sample, out_png)`` draws a 3×6 grid: rows are the axial,
 coronal and sagittal planes through the probe's target (the FLAIR-abnormal centroid
 by default, red +; the probe face centre projected on the plane is the cyan o in the
-US column), columns T1ce, FLAIR, simulated US and synthetic CT (in HU, subdural
-window, with a colorbar). Missing ``us``/``ct`` entries are computed with the
-default transforms.
+US columns); columns T1ce, FLAIR, the simulated US exactly as a teacher sees it in
+training (the configs' probe, working resolution ``ProbeConfig().resolution_mm``), the
+same probe and seed rendered at native resolution, and the two channels of the
+synthetic CT as the network receives them (brain and bone windows of
+:data:`trifuse.keys.CT_WINDOWS`, each in [0, 1]). ``us``/``ct`` entries of the sample
+are used as the training view if present, else computed with the default transforms.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -21,8 +25,6 @@ from trifuse.physics.ct import CTMixtureModel
 
 __all__ = ["render_physics_figure", "plane_axes"]
 
-#: HU window of the CT column (a "subdural" window: brain greys visible, bone white)
-CT_WINDOW_HU = (-40.0, 120.0)
 
 
 def plane_axes(affine) -> dict[str, int]:
@@ -57,8 +59,9 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
         out_png: output path (written atomically).
         ct_model: CT mixture (or path to one) used when the sample has no CT.
         seed: speckle seed when the US is computed here.
-        probe: :class:`~trifuse.physics.ultrasound.ProbeConfig` for a US computed
-            here (default: the default probe at native resolution, for detail).
+        probe: :class:`~trifuse.physics.ultrasound.ProbeConfig` of the training view
+            (default: the default probe at its working resolution, as the configs);
+            the native column renders it with ``resolution_mm=None``.
         dpi: figure resolution.
 
     Returns:
@@ -76,13 +79,17 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
     s = dict(sample)
     s[keys.META] = dict(s.get(keys.META, {}))
     s[keys.META]["applied"] = list(s[keys.META].get("applied", []))
+    train_probe = probe or ProbeConfig()
     if keys.US not in s:
-        s = SimulateUltrasound(probe or ProbeConfig(resolution_mm=None), seed=seed)(s)
+        s = SimulateUltrasound(train_probe, seed=seed)(s)
     if keys.CT not in s:
         s = SynthesizeCT(ct_model)(s)
+    native_cfg = dataclasses.replace(train_probe, resolution_mm=None)
+    native = SimulateUltrasound(native_cfg, seed=seed)({k: v for k, v in s.items() if k != keys.US})
     mri = torch.as_tensor(s[keys.MRI]).float()
     us = torch.as_tensor(s[keys.US]).float()[0].numpy()
-    ct_hu = torch.as_tensor(s[keys.CT]).float()[0].numpy() * 1000.0
+    us_native = torch.as_tensor(native[keys.US]).float()[0].numpy()
+    ct = torch.as_tensor(s[keys.CT]).float().numpy()
     spacing = s[keys.META].get("spacing", (1.0, 1.0, 1.0))
     # slice through the probe target (recorded by the US transform, else recomputed)
     target = centre = None
@@ -95,9 +102,14 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
         target, centre = geom.target[0].tolist(), geom.origin[0].tolist()
     idx = [int(np.clip(round(t / float(sp)), 0, n - 1)) for t, sp, n in zip(target, spacing, mri.shape[1:])]
     planes = plane_axes(s[keys.META].get("affine"))
+    res = train_probe.resolution_mm
     cols = [("T1ce", mri[keys.T1CE].numpy(), "gray", None), ("FLAIR", mri[keys.FLAIR].numpy(), "gray", None),
-            ("simulated US", us, "gray", (0.0, 1.0)), ("synthetic CT (HU)", ct_hu, "gray", CT_WINDOW_HU)]
-    fig, axs = plt.subplots(3, 4, figsize=(13, 9.5), facecolor="black")
+            (f"US as trained ({res:g} mm)" if res else "US as trained", us, "gray", (0.0, 1.0)),
+            ("US native resolution", us_native, "gray", (0.0, 1.0))]
+    for c, (name, lo, hi) in enumerate(keys.CT_WINDOWS):
+        cols.append((f"CT {name} window [{lo:g}, {hi:g}] HU", ct[c], "gray", (0.0, 1.0)))
+    us_cols = (2, 3)
+    fig, axs = plt.subplots(3, len(cols), figsize=(3.1 * len(cols), 9.5), facecolor="black")
     for r, plane in enumerate(("axial", "coronal", "sagittal")):
         ax_i = planes[plane]
         for c, (title, vol, cmap, lim) in enumerate(cols):
@@ -113,16 +125,16 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
             # target (+) and the probe face centre projected on the plane (o)
             tv = [float(t) / float(sp) for t, sp in zip(target, spacing)]
             axs[r, c].plot([tv[other[0]]], [tv[other[1]]], "+", color="red", ms=8, mew=1.2)
-            if centre is not None and c == 2:
+            if centre is not None and c in us_cols:
                 cv = [float(t) / float(sp) for t, sp in zip(centre, spacing)]
                 axs[r, c].plot([cv[other[0]]], [cv[other[1]]], "o", color="cyan", ms=4, mfc="none")
             axs[r, c].set_xticks([])
             axs[r, c].set_yticks([])
             if r == 0:
-                axs[r, c].set_title(title, color="white")
+                axs[r, c].set_title(title, color="white", fontsize=9)
             if c == 0:
                 axs[r, c].set_ylabel(f"{plane} {idx[ax_i]}", color="white")
-            if c == 3:
+            if c == len(cols) - 1:
                 cb = fig.colorbar(im, ax=axs[r, c], fraction=0.046, pad=0.02)
                 cb.ax.tick_params(colors="white", labelsize=7)
     fig.suptitle(f"{s.get(keys.CASE_ID, '')}  pixel tier: simulated US and synthetic CT", color="white")

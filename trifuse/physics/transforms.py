@@ -11,27 +11,125 @@ result can be replayed.
 Per-item seeds make a batch reproduce per-case results exactly: with a fixed
 ``seed`` each item's seed is derived from ``(seed, case_id)``; with a generator one
 seed per item is drawn in batch order.
+
+**Case frame.** A training patch carries ``meta["case_frame"]`` (set by the loader,
+:data:`CASE_FRAME`) and ``meta["patch_box"]``: the probe is then placed, and the rays
+are cast, in the frame of the whole cached case (its brain mask and crop), and the
+patch receives its crop of the whole-case simulation for the same probe and seed
+(:func:`trifuse.physics.ultrasound.simulate_fov`); the CT's skull shell likewise comes
+from the whole case's brain mask. The teacher sees in training what it sees on whole
+cases in validation and prediction, whether or not the patch holds the brain surface.
+A sample without a case frame is its own frame (whole cases, or bare tensors).
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
-from dataclasses import asdict
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from trifuse.transforms import SampleTransform
 from trifuse import keys
-from trifuse.physics.ct import CTMixtureModel, synthesize_ct
-from trifuse.physics.tissues import HeadConfig
-from trifuse.physics.ultrasound import ProbeConfig, perturb_probe, place_probe, simulate_ultrasound
+from trifuse.physics.acoustic import ImpedanceMapper
+from trifuse.physics.ct import CTMixtureModel, encode_ct, outside_hu_map, synthesize_ct_hu
+from trifuse.physics.tissues import TISSUES, HeadConfig, coarse_factors
+from trifuse.physics.ultrasound import ProbeConfig, ProbeGeometry, perturb_probe, place_probe, simulate_fov, simulate_ultrasound
 
-__all__ = ["SimulateUltrasound", "SynthesizeCT"]
+__all__ = ["SimulateUltrasound", "SynthesizeCT", "CASE_FRAME", "CaseFrame", "case_frame"]
 
 _MAX_SEED = 2**31 - 1
+
+#: ``sample["meta"]`` key of a patch's whole-case frame: ``{"cache_dir": str}`` (the case is
+#: ``meta["case_id"]`` in that cache, the patch ``meta["patch_box"]`` of its cropped volume), or
+#: in memory ``{"mri": (4, D, H, W), "brain": (1, D, H, W)}`` (tests, notebooks).
+CASE_FRAME = "case_frame"
+
+
+@dataclass
+class CaseFrame:
+    """The whole case a patch was cut from.
+
+    Attributes:
+        mri: (4, D, H, W) array-like (a read-only ``np.memmap`` of the cache, or a tensor),
+            read by crop only.
+        brain: (1, 1, D, H, W) bool brain mask of the whole case.
+        box: the patch ``[[d0, d1], [h0, h1], [w0, w1]]`` (half-open) in the case.
+        pad: front zero-padding of the patch per axis (a case smaller than the patch).
+        key: identity of the case (caches of per-case work).
+    """
+
+    mri: Any
+    brain: torch.Tensor
+    box: list[list[int]]
+    pad: list[int]
+    key: tuple
+
+    def read(self, sl: tuple) -> torch.Tensor:
+        """(1, 4, d, h, w) float32 MRI of the crop ``sl`` (three slices) of the case."""
+        x = self.mri[(slice(None),) + tuple(sl)]
+        x = torch.from_numpy(np.array(x, copy=True)) if not isinstance(x, torch.Tensor) else x
+        return x.to(torch.float32)[None]  # float16 -> float32 in torch (vectorised)
+
+    def paste(self, dst: torch.Tensor, src: torch.Tensor, src_box: list[list[int]]) -> torch.Tensor:
+        """Copy the part of ``src`` (1, C, crop of the case at ``src_box``) that falls in the patch into ``dst`` (1, C, patch)."""
+        lo = [max(a, p) for (a, _), (p, _) in zip(src_box, self.box)]
+        hi = [min(b, q) for (_, b), (_, q) in zip(src_box, self.box)]
+        if any(l >= h for l, h in zip(lo, hi)):
+            return dst
+        d = tuple(slice(l - p + o, h - p + o) for l, h, (p, _), o in zip(lo, hi, self.box, self.pad))
+        sidx = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, src_box))
+        dst[(slice(None), slice(None)) + d] = src[(slice(None), slice(None)) + sidx].to(dst)
+        return dst
+
+
+_CASES: "OrderedDict[tuple, tuple]" = OrderedDict()  # per process: the last few opened cached cases
+_MAX_OPEN_CASES = 8
+
+
+def _open_cached(cache_dir: str, case_id: str) -> tuple[Any, torch.Tensor]:
+    key = (str(cache_dir), str(case_id))
+    if key not in _CASES:
+        from trifuse.io import cache as cache_mod
+
+        arrays = cache_mod.open_arrays(cache_dir, case_id)
+        brain = torch.from_numpy(np.array(arrays["brain"], copy=True)).bool()[None, None]
+        _CASES[key] = (arrays["mri"], brain)
+        while len(_CASES) > _MAX_OPEN_CASES:
+            _CASES.popitem(last=False)
+    _CASES.move_to_end(key)
+    return _CASES[key]
+
+
+def case_frame(meta: dict, case_id: str | None, patch_shape) -> CaseFrame | None:
+    """The :class:`CaseFrame` of a patch from its meta dict, or ``None`` (the sample is its own frame).
+
+    Args:
+        meta: the sample's meta (``CASE_FRAME`` and ``patch_box`` entries).
+        case_id: the sample's case id (names the case in the cache).
+        patch_shape: (D, H, W) of the patch tensors (after any padding).
+    """
+    fr = meta.get(CASE_FRAME) if isinstance(meta, dict) else None
+    box = meta.get("patch_box") if isinstance(meta, dict) else None
+    if not fr or box is None:
+        return None
+    if "cache_dir" in fr:
+        mri, brain = _open_cached(fr["cache_dir"], case_id)
+        key = (str(fr["cache_dir"]), str(case_id))
+    else:
+        mri = fr["mri"]
+        brain = torch.as_tensor(fr["brain"]).bool()
+        brain = brain[None] if brain.dim() == 4 else brain.view(1, 1, *brain.shape[-3:])
+        key = ("memory", id(fr["brain"]), str(case_id))
+    box = [[int(a), int(b)] for a, b in box]
+    pad = [max(0, (int(n) - (b - a)) // 2) for (a, b), n in zip(box, patch_shape)]
+    return CaseFrame(mri, brain, box, pad, key)
 
 
 def _split(data: dict) -> tuple[bool, int, list[dict], list[str | None]]:
@@ -131,6 +229,22 @@ class SimulateUltrasound(SampleTransform):
         self.jitter_mm = float(jitter_mm)
         self.differentiable = differentiable
 
+    #: uses the whole-case frame of a patch: the loader runs it before spatial augmentation
+    #: (its output is then augmented with the MRI)
+    needs_case_frame = True
+
+    def _case_probe(self, frame: CaseFrame, sp: torch.Tensor) -> ProbeGeometry:
+        """Default probe of a whole case, once per case and process (placement is deterministic)."""
+        if not hasattr(self, "_probes"):
+            self._probes: dict = {}
+        key = frame.key + (tuple(sp[0].tolist()),)
+        if key not in self._probes:
+            full = frame.read((slice(None),) * 3)
+            self._probes[key] = place_probe(full, frame.brain, sp.cpu(), self.config)
+            if len(self._probes) > 4096:
+                self._probes.pop(next(iter(self._probes)))
+        return self._probes[key]
+
     def __call__(self, data: dict, generator: torch.Generator | None = None) -> dict:
         batched, b, metas, ids = _split(data)
         gen = generator or self.generator
@@ -141,12 +255,23 @@ class SimulateUltrasound(SampleTransform):
             mri, brain = mri[None], brain[None]
         dev = mri.device
         sp = _spacing(metas).to(dev)
+        frames = [case_frame(m, ids[i], mri.shape[2:]) for i, m in enumerate(metas)]
         mapper = self.mapper
+        if mapper is None and any(frames):
+            if getattr(self, "_table_mapper", None) is None:
+                self._table_mapper = ImpedanceMapper()
+            mapper = self._table_mapper
         if mapper is not None:
             mapper = mapper.to(dev)
         ctx = torch.enable_grad() if self.differentiable else torch.no_grad()
         with ctx:
-            geom = place_probe(mri.float(), brain.bool(), sp, self.config)
+            if not any(frames):
+                geom = place_probe(mri.float(), brain.bool(), sp, self.config)
+            else:  # per item: whole-case probes (cached per case) or the sample's own
+                parts = [self._case_probe(f, sp[i : i + 1]) if f is not None
+                         else place_probe(mri[i : i + 1].float(), brain[i : i + 1].bool(), sp[i : i + 1], self.config)
+                         for i, f in enumerate(frames)]
+                geom = ProbeGeometry(*(torch.cat([getattr(p, n).to(dev) for p in parts]) for n in ("origin", "axes", "target")))
             jit = None
             if self.jitter_deg > 0 or self.jitter_mm > 0:
                 # per-item draws from the item's own seed: batch == per case
@@ -157,7 +282,20 @@ class SimulateUltrasound(SampleTransform):
                 u = torch.stack(draws).to(dev)
                 jit = (u[:, 0] * self.jitter_deg, u[:, 1] * 2 * torch.pi, (u[:, 2:] * 2 - 1) * self.jitter_mm)
                 geom = perturb_probe(geom, *jit)
-            us = simulate_ultrasound(mri.float(), brain.bool(), sp, self.config, mapper, seeds, self.head, geometry=geom)
+            if not any(frames):
+                us = simulate_ultrasound(mri.float(), brain.bool(), sp, self.config, mapper, seeds, self.head, geometry=geom)
+            else:
+                outs = []
+                for i, f in enumerate(frames):
+                    if f is None:
+                        outs.append(simulate_ultrasound(mri[i : i + 1].float(), brain[i : i + 1].bool(), sp[i : i + 1], self.config,
+                                                        mapper, seeds[i : i + 1], self.head, geometry=geom.select(i)))
+                        continue
+                    out = torch.zeros((1, 1, *mri.shape[2:]), device=dev, dtype=torch.float32)
+                    us_n, info = simulate_fov(lambda sl, f=f: f.read(sl).to(dev), f.brain.to(dev), sp[i : i + 1], geom.select(i),
+                                              self.config, mapper, seeds[i], self.head)
+                    outs.append(out if us_n is None else f.paste(out, us_n, info["crop_box"]))
+                us = torch.cat(outs)
         us = us.float() if self.differentiable else us.detach().float()
         nl, ne, nd = self.config.resolve(sp[0].tolist())
         for i, m in enumerate(metas):
@@ -165,7 +303,7 @@ class SimulateUltrasound(SampleTransform):
                    "frequency_mhz": self.config.frequency_mhz, "depth_mm": self.config.depth_mm,
                    "width_mm": self.config.width_mm, "elevation_mm": self.config.elevation_mm,
                    "angle_deg": self.config.angle_deg, "elevation_angle_deg": self.config.elevation_angle_deg,
-                   "n_rays": [nl, ne], "samples_per_ray": nd,
+                   "n_rays": [nl, ne], "samples_per_ray": nd, "frame": "case" if frames[i] is not None else "sample",
                    "mapper": type(self.mapper).__name__ if self.mapper is not None else "ImpedanceMapper"}
             rec.update(geom.item(i))
             if jit is not None:
@@ -179,7 +317,8 @@ class SimulateUltrasound(SampleTransform):
 
 
 class SynthesizeCT(SampleTransform):
-    """Sample transform writing ``keys.CT`` (float32, HU/1000 clipped to [-1, 1]).
+    """Sample transform writing ``keys.CT``: (C, D, H, W) float32 in the windows of
+    :data:`trifuse.keys.CT_WINDOWS` (C = :data:`trifuse.keys.CT_CHANNELS`, each in [0, 1]).
 
     Args:
         model_or_path: :class:`CTMixtureModel`, a path to one saved with
@@ -234,6 +373,27 @@ class SynthesizeCT(SampleTransform):
             self._model = CTMixtureModel.load(self._path) if self._path is not None else CTMixtureModel.from_tissue_model()
         return self._model
 
+    #: uses the whole-case frame of a patch: the loader runs it before spatial augmentation
+    needs_case_frame = True
+
+    def _case_outside(self, frame: CaseFrame, spacing: list[float], shape) -> torch.Tensor:
+        """(1, 1, *shape) head-layer HU of the patch, from the whole case's brain mask.
+
+        The mask is read over the patch box plus the layer thickness, extended to whole
+        coarse blocks of the case grid, so the result is the crop of the whole-case map;
+        outside the case crop (padding) is air (the cache margin exceeds the layers).
+        """
+        fac = coarse_factors(spacing, self.head.coarse_mm)
+        n = frame.brain.shape[2:]
+        ext = []
+        for (lo, hi), f, sv, nn_ in zip(frame.box, fac, spacing, n):
+            m = int(math.ceil(self.head.total_mm / float(sv))) + 2 * f
+            ext.append([max(0, (lo - m) // f * f), min(nn_, -(-(hi + m) // f) * f)])
+        sl = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in ext)
+        hu = outside_hu_map(frame.brain[sl], spacing, self.head)
+        out = torch.full((1, 1, *shape), TISSUES["air"].hu_mean, dtype=torch.float32)
+        return frame.paste(out, hu, ext)
+
     def __call__(self, data: dict, generator: torch.Generator | None = None) -> dict:
         batched, b, metas, ids = _split(data)
         gen = generator or self.generator
@@ -243,22 +403,32 @@ class SynthesizeCT(SampleTransform):
             mri, brain = mri[None], brain[None]
         sp = _spacing(metas)
         seeds = _item_seeds(b, ids, self.seed, gen) if self.mode == "sample" else [None] * b
+        frames = [case_frame(m, ids[i], mri.shape[2:]) for i, m in enumerate(metas)]
         with torch.no_grad():
+            outside = None
+            if any(frames):
+                outside = torch.cat([self._case_outside(f, sp[i].tolist(), mri.shape[2:]) if f is not None
+                                     else outside_hu_map(brain[i : i + 1].bool().cpu(), sp[i].tolist(), self.head)
+                                     for i, f in enumerate(frames)]).to(mri.device)
             if self.mode == "expectation" and torch.allclose(sp, sp[:1].expand_as(sp)):
-                ct = synthesize_ct(mri.float(), brain.bool(), self.model, "expectation", spacing=sp[0].tolist(), head=self.head)
+                hu = synthesize_ct_hu(mri.float(), brain.bool(), self.model, "expectation", spacing=sp[0].tolist(), head=self.head,
+                                      outside=outside)
             else:  # per item: own seed / own spacing (a loop over batch items only)
                 outs = []
                 for i in range(b):
                     g = None
                     if seeds[i] is not None:
                         g = torch.Generator(device=mri.device).manual_seed(seeds[i])
-                    outs.append(synthesize_ct(mri[i : i + 1].float(), brain[i : i + 1].bool(), self.model, self.mode, g,
-                                              spacing=sp[i].tolist(), head=self.head))
-                ct = torch.cat(outs)
+                    outs.append(synthesize_ct_hu(mri[i : i + 1].float(), brain[i : i + 1].bool(), self.model, self.mode, g,
+                                                 spacing=sp[i].tolist(), head=self.head,
+                                                 outside=None if outside is None else outside[i : i + 1]))
+                hu = torch.cat(outs)
+            ct = encode_ct(hu)
         source = str(self._path) if self._path is not None else self.model.meta.get("form", "tissue_table")
         for i, m in enumerate(metas):
             rec = {"name": "SynthesizeCT", "mode": self.mode, "model": source,
-                   "n_components": self.model.n_components, "head": asdict(self.head)}
+                   "n_components": self.model.n_components, "head": asdict(self.head),
+                   "encoding": [list(w) for w in keys.CT_WINDOWS], "frame": "case" if frames[i] is not None else "sample"}
             if seeds[i] is not None:
                 rec["seed"] = seeds[i]
             m["applied"].append(rec)

@@ -82,6 +82,7 @@ __all__ = [
     "ray_image",
     "scan_convert",
     "render_ultrasound",
+    "simulate_fov",
     "simulate_ultrasound",
     "UltrasoundSimulator",
     "SALINE_IMPEDANCE",
@@ -349,7 +350,10 @@ def place_probe(mri: torch.Tensor, brain: torch.Tensor, spacing: torch.Tensor, c
         idx = torch.minimum(idx.clamp_min(0), dims - 1)
         bi = torch.arange(b, device=dev)[:, None].expand_as(idx[..., 0])
         in_brain = brain[bi, 0, idx[..., 0], idx[..., 1], idx[..., 2]] & inside_vol
-        first_out = (~in_brain).float().argmax(1)  # first step outside (K-1 if none)
+        out_of_brain = ~in_brain
+        # first step outside; a walk that never leaves the brain (argmax of all-False is
+        # 0, the surface voxel itself) falls back to its last step
+        first_out = torch.where(out_of_brain.any(1), out_of_brain.float().argmax(1), torch.full_like(out_of_brain[:, 0], n_steps - 1, dtype=torch.long))
         edge = pts[torch.arange(b, device=dev), first_out]
         origin = edge - config.standoff_mm * axes[:, 0]
     return ProbeGeometry(origin.float(), axes, target.float())
@@ -684,7 +688,8 @@ def ray_image(
     # whatever the PSF size (the coherent parts keep their amplitude: kernels sum to 1)
     a = tr["amplitude"][:, None]
     kappa = float(config.speckle_contrast)
-    root_s = torch.sqrt(sc)[:, None]
+    # √s with a zero-safe gradient (d√s/ds is infinite at s = 0: the anechoic saline and air)
+    root_s = torch.where(sc > 0, torch.sqrt(sc.clamp_min(1e-30)), torch.zeros_like(sc))[:, None]
     field = (a * root_s * (kappa / math.sqrt(energy))) * xi
     coherent = a * (tr["r"][:, None] + math.sqrt(max(1.0 - kappa * kappa, 0.0)) * root_s)
     field = field + torch.cat([coherent, torch.zeros_like(a)], 1)
@@ -763,6 +768,65 @@ def render_ultrasound(
     return (us, dict(rays, image=img)) if return_rays else us
 
 
+def simulate_fov(
+    read_mri,
+    brain: torch.Tensor,
+    spacing: torch.Tensor,
+    geom: ProbeGeometry,
+    config: ProbeConfig,
+    mapper: nn.Module,
+    seed: int,
+    head: HeadConfig = HeadConfig(),
+) -> tuple[torch.Tensor | None, dict | None]:
+    """Simulate one item's field of view in the frame of a volume (the core of the simulator).
+
+    The native crop is the field of view plus the head-layer margin, so that the
+    distance to the brain sees brain voxels outside the field of view; it is pooled to
+    the working resolution from the crop's origin. Everything depends only on the
+    volume frame (its brain mask, the probe pose and the seed), never on which part of
+    it the caller keeps: a training patch cut from this output is exactly the patch of
+    the whole-case simulation (:class:`trifuse.physics.transforms.SimulateUltrasound`
+    uses this with the whole cached case as the frame).
+
+    Args:
+        read_mri: ``read_mri(slices) -> (1, 4, d, h, w)`` float MRI of the native crop
+            ``slices`` (three ``slice`` objects) of the volume; lets a caller read only the
+            crop from a memory-mapped case.
+        brain: (1, 1, D, H, W) bool brain mask of the whole volume.
+        spacing: (1, 3) voxel size in mm.
+        geom: probe pose of this item (batch of one), volume frame.
+        config, mapper, seed, head: as :func:`simulate_ultrasound`.
+
+    Returns:
+        ``(us (1, 1, d, h, w) in [0, 1] on the native crop, info)`` with ``info["crop_box"]``
+        the crop ``[[d0, d1], [h0, h1], [w0, w1]]`` (half-open) in the volume;
+        ``(None, None)`` if the field of view misses the volume.
+    """
+    dev = brain.device
+    shape = brain.shape[2:]
+    fov = fov_box(geom, config, shape, spacing)[0]
+    if any(lo >= hi for lo, hi in fov):  # the field of view misses the volume
+        return None, None
+    fac = coarse_factors(spacing[0].tolist(), config.resolution_mm)
+    ft = torch.tensor(fac, device=dev, dtype=spacing.dtype)
+    mg = [int(math.ceil(head.total_mm / float(s))) + f for s, f in zip(spacing[0].tolist(), fac)]
+    cb = [[max(0, lo - m), min(n, hi + m)] for (lo, hi), m, n in zip(fov, mg, shape)]
+    sl = tuple(slice(lo, hi) for lo, hi in cb)
+    m_c, b_c = _pool_mri(read_mri(sl).float(), brain[(slice(None), slice(None)) + sl].bool(), fac)
+    sp_w = spacing * ft
+    c0 = torch.tensor([lo for lo, _ in cb], device=dev, dtype=spacing.dtype)
+    off_c = (c0 + (ft - 1) / 2) * spacing  # volume-frame position of working voxel (0,0,0)
+    layers = head_layers(b_c, sp_w[0].tolist(), head)
+    window = craniotomy_window(m_c.shape[2:], sp_w, geom, config, off_c)
+    labels = geometry_labels(b_c, layers, window)
+    maps = mapper(m_c, b_c, labels).stack()
+    img, _ = ray_image(maps, sp_w, geom, config, [int(seed)], off_c)
+    # scan conversion on the working crop, upsampled onto the native crop
+    us_w = scan_convert(img, m_c.shape[2:], sp_w, geom, config, off_c)
+    us_n = upsample(us_w, fac, [hi - lo for lo, hi in cb]).clamp_(0, 1)  # in place: float round-off only
+    return us_n, {"crop_box": cb, "working_spacing": sp_w[0].tolist(), "n_rays": config.resolve(sp_w[0].tolist())}
+
+
 def simulate_ultrasound(
     mri: torch.Tensor,
     brain: torch.Tensor,
@@ -809,36 +873,14 @@ def simulate_ultrasound(
     shape = mri.shape[2:]
     outs, crops = [], []
     for i in range(b):  # per item: each has its own field of view (loop over items only)
-        sp_i = sp[i : i + 1]
-        g = geom.select(i)
         out = torch.zeros((1, 1, *shape), device=dev, dtype=mri.dtype)
-        fov = fov_box(g, config, shape, sp_i)[0]
-        if any(lo >= hi for lo, hi in fov):  # the field of view misses the volume
-            outs.append(out)
-            crops.append(None)
-            continue
-        fac = coarse_factors(sp_i[0].tolist(), config.resolution_mm)
-        ft = torch.tensor(fac, device=dev, dtype=sp.dtype)
-        # native crop = field of view + the head-layer margin (distance to the brain
-        # must see brain voxels outside the field of view), then pooled to working size
-        mg = [int(math.ceil(head.total_mm / float(s))) + f for s, f in zip(sp_i[0].tolist(), fac)]
-        cb = [[max(0, lo - m), min(n, hi + m)] for (lo, hi), m, n in zip(fov, mg, shape)]
-        sl = (slice(i, i + 1), slice(None)) + tuple(slice(lo, hi) for lo, hi in cb)
-        m_c, b_c = _pool_mri(mri[sl], brain[sl], fac)
-        sp_w = sp_i * ft
-        c0 = torch.tensor([lo for lo, _ in cb], device=dev, dtype=sp.dtype)
-        off_c = (c0 + (ft - 1) / 2) * sp_i  # volume-frame position of working voxel (0,0,0)
-        layers = head_layers(b_c, sp_w[0].tolist(), head)
-        window = craniotomy_window(m_c.shape[2:], sp_w, g, config, off_c)
-        labels = geometry_labels(b_c, layers, window)
-        maps = mapper(m_c, b_c, labels).stack()
-        img, _ = ray_image(maps, sp_w, g, config, seeds[i : i + 1], off_c)
-        # scan conversion on the working crop, upsampled onto the native crop
-        us_w = scan_convert(img, m_c.shape[2:], sp_w, g, config, off_c)
-        us_n = upsample(us_w, fac, [hi - lo for lo, hi in cb]).clamp_(0, 1)  # in place: float round-off only
-        out[..., cb[0][0] : cb[0][1], cb[1][0] : cb[1][1], cb[2][0] : cb[2][1]] = us_n
+        us_n, info = simulate_fov(lambda sl, i=i: mri[(slice(i, i + 1), slice(None)) + sl], brain[i : i + 1], sp[i : i + 1],
+                                  geom.select(i), config, mapper, seeds[i], head)
+        if us_n is not None:
+            cb = info["crop_box"]
+            out[..., cb[0][0] : cb[0][1], cb[1][0] : cb[1][1], cb[2][0] : cb[2][1]] = us_n
         outs.append(out)
-        crops.append({"crop_box": cb, "working_spacing": sp_w[0].tolist(), "n_rays": config.resolve(sp_w[0].tolist())})
+        crops.append(info)
     us = torch.cat(outs)
     if unbatched:
         us = us[0]
