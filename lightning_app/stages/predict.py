@@ -31,6 +31,7 @@ def predict_cases(
     tta: bool = True,
     postprocess: bool = True,
     report=None,
+    describer: str = "as-trained",
 ) -> dict:
     """Segment every case under ``input_dir`` with :class:`trifuse.inference.Predictor`.
 
@@ -53,6 +54,8 @@ def predict_cases(
     predictor = Predictor.from_checkpoint(
         ckpt, device=device, tta=tta, postprocess=postprocess, overlap=overlap, sw_batch_size=sw_batch_size, ct_model=ct_model
     )
+    if hasattr(predictor.model, "set_describer"):  # a student with priors: its training describer, or stop now
+        predictor.model.set_describer(describer)
     return predictor.predict_folder(input_dir, output, overwrite=overwrite, report=report)
 
 
@@ -70,6 +73,7 @@ def run(args) -> int:
         tta=args.tta,
         postprocess=args.postprocess,
         report=progress("predict"),
+        describer=args.describer,
     )
     n = len(res["written"]) + len(res["skipped"]) + len(res["failed"])
     print(f"predict: {len(res['written'])} written, {len(res['skipped'])} existing skipped, {len(res['failed'])} failed of {n} case(s) → {args.output}")
@@ -100,5 +104,6 @@ def register(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip them)")
     s.add_argument("--ct-model", default=None, help="fitted CT mixture for a CT teacher (default: tissue-table CT)")
     s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time mirroring: average the 8 flips (default: on; --no-tta is ~8x faster)")
+    s.add_argument("--describer", choices=("as-trained", "offline"), default="as-trained", help="student priors: the describer of the training priors (default; an OpenAI-trained student needs OPENAI_API_KEY), or offline descriptions instead (explicit choice, logged)")
     s.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True, help="apply the post-processing decided on validation and stored in the checkpoint (default: on)")
     s.set_defaults(func=run)

@@ -9,7 +9,7 @@ from lightning_app.stages import StageError, progress
 
 def run(args) -> int:
     from trifuse.semantic.clip_data import default_clip_dir, default_descriptions_dir, default_priors_dir, resolve_cache
-    from trifuse.semantic.describe import load_descriptions
+    from trifuse.semantic.describe import load_descriptions, read_describe_manifest
     from trifuse.semantic.provenance import DescriberMismatchError
     from trifuse.semantic.priors import PriorConfig, compute_priors
 
@@ -31,8 +31,9 @@ def run(args) -> int:
     config = PriorConfig(factor=args.factor, description_weight=args.description_weight, slice_step=args.slice_step,
                          device=args.device)
     try:
+        manifest = read_describe_manifest(desc_dir) or {}
         report = compute_priors(cache_dir, descriptions, ckpt, out, case_ids, config, force=args.force,
-                                progress=progress("semantic"))
+                                progress=progress("semantic"), describer_identity=manifest.get("describer"))
     except DescriberMismatchError as exc:
         raise StageError(str(exc)) from None
     line = (f"priors: {len(report.written)} written, {len(report.skipped)} up to date, {len(report.failed)} failed; "

@@ -19,7 +19,7 @@ The teachers live in :class:`~trifuse.lightning.distill.AsyncTeacherDistillation
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -40,6 +40,19 @@ from trifuse.nets.fusion import CrossModalFusion
 from trifuse.nets.student import StudentNet
 
 
+LAMBDAS = ("resp", "feat", "sem")
+
+
+def _per_lambda(value: Union[int, Mapping[str, int]], name: str) -> dict[str, int]:
+    """One int for every λ, or a mapping ``{resp, feat, sem} → int`` (missing λ: 0)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(LAMBDAS))
+        if unknown:
+            raise ValueError(f"{name}: unknown λ {unknown}; use {list(LAMBDAS)}")
+        return {k: int(value.get(k, 0)) for k in LAMBDAS}
+    return {k: int(value) for k in LAMBDAS}
+
+
 class StudentModule(L.LightningModule):
     """Args:
         init_filters: student SegResNet width.
@@ -48,15 +61,25 @@ class StudentModule(L.LightningModule):
             teacher; SegResNet with 16 filters: 128).
         fusion_width, fusion_heads, fusion_window: fusion block size.
         temperature: T of L_resp.
-        lambda_resp, lambda_feat, lambda_sem: final weights; ``warmup_steps`` ramps each
-            (``start_steps`` delays them) linearly.
+        lambda_resp, lambda_feat, lambda_sem: final weights of L_resp, L_feat, L_sem.
+        warmup_steps, start_steps: each λ is 0 before its start step, then ramps to its value
+            over its warm-up (optimizer steps). One int for all three, or a mapping per λ
+            (``{resp: 200, feat: 500, sem: 200}``; λ not named get 0).
+        lambda_shape: ramp shape, ``"linear"`` or ``"cosine"``.
         use_response, use_feature, use_semantic, use_film, use_semantic_attention: tiers.
         text_dim: pooled description embedding size (the CLIP embed_dim, 128 by default).
-        lr, weight_decay: AdamW.
+        lr, weight_decay: AdamW; ``lr`` is the peak of the one-cycle schedule.
+        pct_start: share of the run spent warming the learning rate up (one-cycle with cosine
+            annealing per optimizer step, as the teachers; the method's paper: 0.2). The
+            fusion block, FiLM and gates start from fresh weights, so the student needs the
+            warm-up as much as the teachers did. ``scheduler="cosine"`` keeps a per-epoch
+            cosine without warm-up, ``"none"`` a constant rate.
         roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size).
-        clip_ckpt: CLIP checkpoint (``trifuse clip``) used to derive the priors of a new case
-            at prediction time (offline description → priors), so ``trifuse predict`` needs
-            only the four MRI files.
+        clip_ckpt: CLIP checkpoint (``trifuse clip``) of the training priors. At fit time it
+            is checked against the priors' provenance and embedded in every checkpoint with
+            their PriorConfig and describer identity (``checkpoint["trifuse"]["semantic"]``),
+            so ``trifuse predict`` needs only the four MRI files and derives a new case's
+            priors as the training priors were made (same CLIP, settings and describer).
     """
 
     def __init__(
@@ -71,8 +94,9 @@ class StudentModule(L.LightningModule):
         lambda_resp: float = 1.0,
         lambda_feat: float = 0.5,
         lambda_sem: float = 0.2,
-        warmup_steps: int = 100,
-        start_steps: int = 0,
+        warmup_steps: Union[int, Mapping[str, int]] = 100,
+        start_steps: Union[int, Mapping[str, int]] = 0,
+        lambda_shape: str = "linear",
         use_response: bool = True,
         use_feature: bool = True,
         use_semantic: bool = True,
@@ -81,6 +105,8 @@ class StudentModule(L.LightningModule):
         text_dim: int = 128,
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
+        scheduler: str = "onecycle",
+        pct_start: float = 0.2,
         roi_size: Sequence[int] = (128, 128, 128),
         sw_batch_size: int = 1,
         overlap: float = 0.5,
@@ -110,11 +136,11 @@ class StudentModule(L.LightningModule):
             bott = {fi.name: fi.channels for fi in self.student.backbone.feature_info}["bottleneck"]
             self.student_proj = nn.Conv3d(bott, fusion_width, kernel_size=1)
             self.fusion_head = nn.Conv3d(fusion_width, len(keys.REGIONS), kernel_size=1)
-        self.schedules = {
-            "resp": WarmupSchedule(lambda_resp, warmup_steps, start_steps),
-            "feat": WarmupSchedule(lambda_feat, warmup_steps, start_steps),
-            "sem": WarmupSchedule(lambda_sem, warmup_steps, start_steps),
-        }
+        if scheduler not in ("onecycle", "cosine", "none"):
+            raise ValueError(f"scheduler must be onecycle, cosine or none, got {scheduler!r}")
+        values = {"resp": lambda_resp, "feat": lambda_feat, "sem": lambda_sem}
+        warm, start = _per_lambda(warmup_steps, "warmup_steps"), _per_lambda(start_steps, "start_steps")
+        self.schedules = {k: WarmupSchedule(v, warm[k], start[k], lambda_shape) for k, v in values.items()}
         from trifuse.metrics import BratsRegionMetrics
 
         self.val_metrics = BratsRegionMetrics(hd95=compute_hd95)
@@ -206,8 +232,10 @@ class StudentModule(L.LightningModule):
         n = x.shape[1]
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
+            # window: (sw_batch_size, 4 + P, *roi); the case's one text embedding serves every window
             pr = F.interpolate(window[:, n:], scale_factor=0.25, mode="trilinear", align_corners=False) if min(window.shape[2:]) >= 8 else window[:, n:]
-            return self.student(window[:, :n], pr, text)
+            tx = None if text is None else text.expand(window.shape[0], -1)
+            return self.student(window[:, :n], pr, tx)
 
         return sliding_window_inference(torch.cat([x, full], dim=1), roi, self.hparams.sw_batch_size, predictor, self.hparams.overlap, mode="gaussian")
 
@@ -226,12 +254,40 @@ class StudentModule(L.LightningModule):
         self.last_val_summary = {k.removeprefix("val/"): v for k, v in flat.items()}
 
     # --- prediction from MRI only ------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # provenance of the training priors (CLIP export, PriorConfig, describer), checked and
+        # kept for the checkpoint: the DataModule has bound LoadPriors' folder by now
+        if stage == "fit" and self.uses_priors and self.hparams.clip_ckpt:
+            from trifuse.semantic.provenance import build_bundle
+
+            dm = getattr(self.trainer, "datamodule", None)
+            dirs = {str(t.priors_dir) for t in getattr(dm, "sample_transforms", []) or []
+                    if getattr(t, "priors_dir", None) is not None and hasattr(t, "bind_dataset")}
+            self._semantic_bundle = build_bundle(self.hparams.clip_ckpt, next(iter(sorted(dirs)), None))
+
+    def set_describer(self, describer: Optional[str] = "as-trained") -> Optional[dict]:
+        """Choose the describer of prediction-time priors (``"as-trained"`` or ``"offline"``) and check it now.
+
+        Returns the describer identity (``None`` without priors). Raises
+        :class:`~trifuse.semantic.provenance.DescriberMismatchError` when the training
+        describer is unavailable and no override is given.
+        """
+        if not self.uses_priors:
+            return None
+        from trifuse.semantic.case_priors import CasePriors
+
+        cp = CasePriors(self.__dict__.get("_semantic_bundle"), describer, clip_ckpt=self.hparams.clip_ckpt)
+        ident = cp.check()
+        self.__dict__["_case_priors"] = cp  # outside the module tree: never saved as weights
+        return ident
+
     def semantic_for_sample(self, sample: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Prior ``(1, 3, d, h, w)`` and text ``(1, E)`` of one prepared (cropped) case.
 
         Uses ``sample['prior']``/``['text']`` when present; otherwise derives them from the
-        MRI alone: the offline describer writes the description, the CLIP model of
-        ``clip_ckpt`` turns it and the slices into priors (the ``trifuse semantic`` path).
+        MRI alone as the training priors were made (:class:`~trifuse.semantic.case_priors.CasePriors`:
+        the checkpoint's embedded CLIP and PriorConfig, and the training describer unless
+        :meth:`set_describer` chose ``"offline"``).
         """
         if not self.uses_priors:
             return None, None
@@ -239,18 +295,9 @@ class StudentModule(L.LightningModule):
         if keys.PRIOR in sample:
             text = sample.get(keys.TEXT)
             return torch.as_tensor(sample[keys.PRIOR]).float()[None].to(dev), (None if text is None else torch.as_tensor(text).float()[None].to(dev))
-        if not self.hparams.clip_ckpt:
-            raise ValueError("this student uses semantic priors but its checkpoint names no clip_ckpt; pass model.init_args.clip_ckpt when training")
-        from trifuse.semantic.clip import load_clip
-        from trifuse.semantic.offline import OfflineDescriber
-        from trifuse.semantic.priors import compute_prior
-
-        clip = self.__dict__.get("_clip_model")
-        if clip is None:  # kept outside the module tree: never saved into a checkpoint
-            clip = load_clip(self.hparams.clip_ckpt, device="cpu")
-            object.__setattr__(self, "_clip_model", clip)
-        desc = OfflineDescriber().describe(sample)
-        res = compute_prior(clip, sample, desc)
+        if "_case_priors" not in self.__dict__:
+            self.set_describer("as-trained")
+        res = self.__dict__["_case_priors"](sample)
         return res.prior.float()[None].to(dev), res.text.float()[None].to(dev)
 
     @torch.no_grad()
@@ -273,10 +320,36 @@ class StudentModule(L.LightningModule):
             "regions": list(keys.REGIONS),
             "teachers": list(self.teacher_modalities),
         }
+        if self.uses_priors:  # self-contained: CLIP export, PriorConfig and describer of the training priors
+            bundle = self.__dict__.get("_semantic_bundle")
+            if bundle is None and self.hparams.clip_ckpt:
+                from pathlib import Path
+
+                from trifuse.semantic.provenance import build_bundle
+
+                if Path(self.hparams.clip_ckpt).is_file():
+                    bundle = build_bundle(self.hparams.clip_ckpt)
+                    self._semantic_bundle = bundle
+            checkpoint["trifuse"]["semantic"] = bundle
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        bundle = (checkpoint.get("trifuse") or {}).get("semantic")
+        if bundle is not None:
+            self._semantic_bundle = bundle
 
     def configure_optimizers(self):
+        """AdamW with a one-cycle (warm-up + cosine) rate per optimizer step, like the teachers.
+
+        The cycle's length is ``trainer.estimated_stepping_batches`` (steps per rank × epochs),
+        filled in by :func:`~trifuse.lightning.teacher.build_scheduler`.
+        """
+        from functools import partial
+
+        from trifuse.lightning.teacher import CosineAnnealing, OneCycleCosine, build_scheduler
+
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if not self.trainer or not self.trainer.max_epochs or self.trainer.max_epochs < 0:
+        kind = self.hparams.scheduler
+        if kind == "none" or self.trainer is None:
             return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        factory = partial(OneCycleCosine, pct_start=self.hparams.pct_start) if kind == "onecycle" else CosineAnnealing
+        return {"optimizer": opt, "lr_scheduler": build_scheduler(factory, opt, self.trainer)}

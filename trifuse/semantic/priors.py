@@ -308,7 +308,8 @@ def case_fingerprint(ckpt_sha: str, description: Description | None, cache_meta:
 
 def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description], clip_ckpt: str | Path,
                    out_dir: str | Path, case_ids: Sequence[str] | None = None, config: PriorConfig | None = None,
-                   force: bool = False, progress: Callable[[int, int, str, str], None] | None = None) -> PriorsReport:
+                   force: bool = False, progress: Callable[[int, int, str, str], None] | None = None,
+                   describer_identity: Mapping[str, Any] | None = None) -> PriorsReport:
     """Priors for every case (resumable; see module docstring).
 
     Args:
@@ -320,6 +321,8 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
         config: settings.
         force: recompute even when up to date.
         progress: ``(i, n, case_id, status)``.
+        describer_identity: the describer of ``descriptions`` as its describe manifest
+            records it (with the server URL); recorded in every prior file and the summary.
 
     Returns:
         :class:`PriorsReport` (also written to ``<out_dir>/priors_summary.json``), with
@@ -348,6 +351,11 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
     from trifuse.semantic.provenance import DescriberMismatchError, format_identity, same_describer, single_identity
 
     describer = single_identity({c: descriptions[c] for c in case_ids}, str(out))
+    if describer_identity is not None:  # the describe manifest's identity (it also knows the server URL)
+        if describer and not same_describer(describer, describer_identity):
+            raise DescriberMismatchError(f"the descriptions are by {format_identity(describer)}, not by "
+                                         f"{format_identity(describer_identity)}")
+        describer = dict(describer_identity)
     clip_describer = read_checkpoint(clip_ckpt).get("describer")
     if describer and clip_describer and not same_describer(describer, clip_describer):
         raise DescriberMismatchError(f"{clip_ckpt} was trained on descriptions by {format_identity(clip_describer)}, "
