@@ -96,7 +96,12 @@ def completion(content: str, prompt_tokens: int = 100, completion_tokens: int = 
 
 
 def requested_view(body: dict) -> str:
-    return body["response_format"]["json_schema"]["schema"]["properties"]["view"]["enum"][0]
+    """The view a request asks for (from its JSON schema, or from the user text without one)."""
+    rf = body.get("response_format") or {}
+    if rf.get("type") == "json_schema":
+        return rf["json_schema"]["schema"]["properties"]["view"]["enum"][0]
+    text = [p for p in body["messages"][1]["content"] if p["type"] == "text"][0]["text"]
+    return text.split("Plane: ", 1)[1].split(".", 1)[0]
 
 
 class FakeOpenAIServer:
@@ -112,6 +117,7 @@ class FakeOpenAIServer:
         self.delay: float | Callable[[int], float] = 0.0
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
+        self.times: list[float] = []  # monotonic arrival time of each chat request
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -127,6 +133,7 @@ class FakeOpenAIServer:
                     return self._send(404, {"error": {"message": "not found"}}, {})
                 body = json.loads(raw)
                 with server.lock:
+                    server.times.append(time.monotonic())
                     server.bodies.append(body)
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                     n = len(server.bodies)
