@@ -35,9 +35,15 @@ def _upsample(vol: np.ndarray | torch.Tensor, shape) -> np.ndarray:
 
 
 def _centre(sample: Mapping[str, Any], prior_full: np.ndarray) -> tuple[int, int, int]:
-    """Through the true WT centroid when labelled, else the fused WT prior's weighted centroid."""
-    if keys.LABEL in sample and np.asarray(sample[keys.LABEL])[keys.WT].any():
-        return tuple(int(v) for v in np.round(np.argwhere(np.asarray(sample[keys.LABEL])[keys.WT]).mean(0)))
+    """Where the three slices pass: through the image-derived abnormality (FLAIR/T2, the slices the
+    describers saw: :func:`~trifuse.semantic.slices.find_abnormality`), never through the labels;
+    without one, through the fused WT prior's weighted centroid."""
+    from trifuse.semantic.slices import find_abnormality, sample_arrays
+
+    mri, brain, geo = sample_arrays(sample)
+    abn = find_abnormality(mri, brain, geo.spacing)
+    if abn.found:
+        return tuple(int(round(float(c))) for c in abn.slice_centre)
     w = np.clip(prior_full[keys.WT] - 0.5, 0, None)
     if w.sum() <= 0:
         return tuple(s // 2 for s in prior_full.shape[1:])
