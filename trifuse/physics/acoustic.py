@@ -108,7 +108,7 @@ def _table(names: tuple[str, ...], attr: str) -> torch.Tensor:
 class _TableMixin(nn.Module):
     """Holds θ = (log c, log ρ) per head tissue plus attenuation/backscatter tables."""
 
-    def _init_table(self, learn_attenuation: bool):
+    def _init_table(self, learn_attenuation: bool, learn_scatter: bool = True):
         self.log_c = nn.Parameter(torch.log(_table(HEAD_TISSUES, "c")))
         self.log_rho = nn.Parameter(torch.log(_table(HEAD_TISSUES, "rho")))
         log_alpha = torch.log(_table(HEAD_TISSUES, "alpha"))
@@ -116,7 +116,12 @@ class _TableMixin(nn.Module):
             self.log_alpha = nn.Parameter(log_alpha)
         else:
             self.register_buffer("log_alpha", log_alpha)
-        self.register_buffer("scatter_db", _table(HEAD_TISSUES, "scatter_db"))
+        # tissue echogenicity (backscatter level, dB): learnable, as DiffUS fits it to real US
+        scatter = _table(HEAD_TISSUES, "scatter_db")
+        if learn_scatter:
+            self.scatter_db = nn.Parameter(scatter)
+        else:
+            self.register_buffer("scatter_db", scatter)
         self.register_buffer("geo_index", _GEO_TO_HEAD.clone(), persistent=False)
 
     def impedance_table(self) -> torch.Tensor:
@@ -151,19 +156,24 @@ class ImpedanceMapper(_TableMixin):
         tissue_model: contrast profiles for the image-only posteriors.
         temperature: posterior softening (see :func:`tissue_posteriors`).
         learn_attenuation: also make log α a parameter.
+        learn_scatter: make the tissue echogenicity ``scatter_db`` (dB) a parameter
+            (default; ``trifuse physics fit-us --paired`` fits it).
 
     Shape:
         forward(mri (B,4,D,H,W), brain (B,1,D,H,W) bool, labels (B,1,D,H,W) uint8)
         -> :class:`AcousticMaps` of (B,1,D,H,W) tensors.
     """
 
-    def __init__(self, tissue_model: TissueModel = DEFAULT_TISSUE_MODEL, temperature: float = 1.5, learn_attenuation: bool = False):
+    def __init__(self, tissue_model: TissueModel = DEFAULT_TISSUE_MODEL, temperature: float = 1.5, learn_attenuation: bool = False,
+                 learn_scatter: bool = True):
         super().__init__()
         if tuple(tissue_model.names) != BRAIN_TISSUES:
             raise ValueError(f"tissue model classes {tissue_model.names} must be {BRAIN_TISSUES}")
         self.tissue_model = tissue_model
         self.temperature = float(temperature)
-        self._init_table(learn_attenuation)
+        self.learn_attenuation = bool(learn_attenuation)
+        self.learn_scatter = bool(learn_scatter)
+        self._init_table(learn_attenuation, learn_scatter)
 
     def forward(self, mri: torch.Tensor, brain: torch.Tensor, labels: torch.Tensor) -> AcousticMaps:
         table = self.property_table()  # (10, 3)

@@ -197,7 +197,10 @@ class SimulateUltrasound(SampleTransform):
 
     Args:
         config: probe settings (:class:`trifuse.physics.ultrasound.ProbeConfig`).
-        mapper: θ_mapper module (default table :class:`ImpedanceMapper`).
+        mapper: θ_mapper module (default table :class:`ImpedanceMapper`), or a path to a
+            fitted mapper file (``trifuse physics fit-us --paired`` writes one,
+            :func:`trifuse.physics.paired.load_us_mapper`), or ``"auto"``: the dataset's
+            ``<cache>/us_mapper.json`` if it exists, else the table. Paths load lazily.
         head: skull/scalp layers outside the craniotomy.
         seed: fixed base seed (per-case seeds derived from it and the case id).
         generator: draw per-item seeds from this generator instead (wins over seed;
@@ -212,7 +215,7 @@ class SimulateUltrasound(SampleTransform):
     def __init__(
         self,
         config: ProbeConfig = ProbeConfig(),
-        mapper: nn.Module | None = None,
+        mapper: nn.Module | str | os.PathLike | None = None,
         head: HeadConfig = HeadConfig(),
         seed: int | None = None,
         generator: torch.Generator | None = None,
@@ -221,6 +224,10 @@ class SimulateUltrasound(SampleTransform):
         differentiable: bool = False,
     ):
         self.config = config
+        self.auto = isinstance(mapper, str) and mapper == "auto"
+        self._mapper_path = Path(mapper) if isinstance(mapper, (str, os.PathLike)) and not self.auto else None
+        if isinstance(mapper, (str, os.PathLike)):
+            mapper = None
         self.mapper = mapper
         self.head = head
         self.seed = seed
@@ -232,6 +239,20 @@ class SimulateUltrasound(SampleTransform):
     #: uses the whole-case frame of a patch: the loader runs it before spatial augmentation
     #: (its output is then augmented with the MRI)
     needs_case_frame = True
+
+    def bind_dataset(self, data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
+        """With ``mapper="auto"``: use ``<cache>/us_mapper.json`` (``trifuse physics fit-us --paired --out``) if present."""
+        if self.auto and self.mapper is None:
+            p = Path(cache_dir) / "us_mapper.json"
+            if p.exists():
+                self._mapper_path = p
+
+    def _resolved_mapper(self) -> nn.Module | None:
+        if self.mapper is None and self._mapper_path is not None:
+            from trifuse.physics.paired import load_us_mapper
+
+            self.mapper = load_us_mapper(self._mapper_path)
+        return self.mapper
 
     def _case_probe(self, frame: CaseFrame, sp: torch.Tensor) -> ProbeGeometry:
         """Default probe of a whole case, once per case and process (placement is deterministic)."""
@@ -256,7 +277,7 @@ class SimulateUltrasound(SampleTransform):
         dev = mri.device
         sp = _spacing(metas).to(dev)
         frames = [case_frame(m, ids[i], mri.shape[2:]) for i, m in enumerate(metas)]
-        mapper = self.mapper
+        mapper = self._resolved_mapper()
         if mapper is None and any(frames):
             if getattr(self, "_table_mapper", None) is None:
                 self._table_mapper = ImpedanceMapper()
@@ -304,7 +325,8 @@ class SimulateUltrasound(SampleTransform):
                    "width_mm": self.config.width_mm, "elevation_mm": self.config.elevation_mm,
                    "angle_deg": self.config.angle_deg, "elevation_angle_deg": self.config.elevation_angle_deg,
                    "n_rays": [nl, ne], "samples_per_ray": nd, "frame": "case" if frames[i] is not None else "sample",
-                   "mapper": type(self.mapper).__name__ if self.mapper is not None else "ImpedanceMapper"}
+                   "mapper": str(self._mapper_path) if self._mapper_path is not None
+                   else (type(self.mapper).__name__ if self.mapper is not None else "ImpedanceMapper")}
             rec.update(geom.item(i))
             if jit is not None:
                 rec.update({"tilt_deg": float(jit[0][i]), "tilt_azimuth_rad": float(jit[1][i]),
