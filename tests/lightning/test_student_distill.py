@@ -8,6 +8,7 @@ import torch
 
 from trifuse import keys
 from trifuse.lightning.data import BratsDataModule
+import trifuse.lightning.distill as trifuse_distill
 from trifuse.lightning.distill import AsyncTeacherDistillation, resolve_checkpoint
 from trifuse.lightning.student import StudentModule
 from trifuse.lightning.teacher import TeacherModule
@@ -32,34 +33,128 @@ def _batch(seed=0):
     }
 
 
-def test_async_targets_equal_sync_and_checkpoint_swap(tmp_path):
+class RecordingDistillation(AsyncTeacherDistillation):
+    """The real callback, keeping a copy of every batch's inputs and the targets it handed out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record = []
+
+    def targets(self, batch):
+        out = super().targets(batch)
+        inputs = {k: v.detach().clone() for k, v in self._inputs_of(batch).items()}
+        self.record.append((inputs, {m: {k: v.clone() for k, v in d.items()} for m, d in out.items()}))
+        return out
+
+
+def _fit(tmp_path, synthetic_cohort, cb, steps=8, dm_cls=BratsDataModule, **trainer_kw):
+    data, cache = synthetic_cohort
+    dm = dm_cls(str(data), str(cache), patch_size=(16, 16, 16), batch_size=2, num_workers=0, samples_per_epoch=2 * steps, n_folds=3, limit_val_cases=1)
+    model = StudentModule(init_filters=8, teacher_modalities=("mri",), teacher_channels=128, fusion_width=16, fusion_heads=2, fusion_window=2,
+                          use_semantic=False, warmup_steps=0, roi_size=(16, 16, 16), compute_hd95=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0, **trainer_kw)
+    trainer.fit(model, dm)
+    return trainer, model
+
+
+def test_lookahead_really_overlaps_inside_trainer_fit(synthetic_cohort, tmp_path):
     ckpt_dir = tmp_path / "teachers" / "mri"
     ckpt_dir.mkdir(parents=True)
-    _save_teacher(ckpt_dir / "last.ckpt", seed=0)
-    assert resolve_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"
-    sync = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False)
-    asyn = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=True)
-    for cb in (sync, asyn):
-        cb._load_all(torch.device("cpu"))
-    import concurrent.futures as cf
+    _save_teacher(ckpt_dir / "best.ckpt")
+    cb = RecordingDistillation({"mri": str(ckpt_dir)}, asynchronous=True, lookahead=True, watch=False)
+    trainer, _ = _fit(tmp_path, synthetic_cohort, cb, steps=8)
+    assert trainer.global_step == 8 and cb.stats["steps"] == 8 and len(cb.record) == 8
+    # every batch but the first of the epoch had its targets started while the student was on the one before
+    assert cb.lookahead_share >= 0.85, cb.stats
+    assert 0.0 <= cb.wait_share < 1.0 and cb.stats["step_s"] > 0
+    # and asynchrony changed nothing: the targets equal the synchronous ones of the same inputs
+    for inputs, got in cb.record:
+        want = cb.compute_targets(inputs)
+        torch.testing.assert_close(got["mri"]["logits"], want["mri"]["logits"])
+        torch.testing.assert_close(got["mri"]["bottleneck"], want["mri"]["bottleneck"])
+    # the patches differ from step to step (a stale look-ahead would repeat one)
+    assert not torch.equal(cb.record[0][0][keys.MRI], cb.record[1][0][keys.MRI])
 
-    asyn._pool = cf.ThreadPoolExecutor(1)
+
+def test_without_lookahead_targets_start_with_the_batch(synthetic_cohort, tmp_path):
+    ckpt_dir = tmp_path / "teachers" / "mri"
+    ckpt_dir.mkdir(parents=True)
+    _save_teacher(ckpt_dir / "best.ckpt")
+    cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=True, lookahead=False, watch=False)
+    trainer, _ = _fit(tmp_path, synthetic_cohort, cb, steps=3)
+    assert trainer.global_step == 3 and cb.stats["steps"] == 3 and cb.stats["started_ahead"] == 0
+
+
+def test_hot_swap_never_reads_a_partial_or_vanished_checkpoint(tmp_path):
+    ckpt_dir = tmp_path / "teachers" / "mri"
+    ckpt_dir.mkdir(parents=True)
+    ckpt = ckpt_dir / "last.ckpt"
+    _save_teacher(ckpt, seed=0)
+    assert resolve_checkpoint(ckpt_dir) == ckpt
+    cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False)
+    cb._load_all(torch.device("cpu"))
     batch = _batch()
-    asyn._pending[("x",)] = asyn._submit(batch)  # computed in the background thread
-    a = asyn._pending.pop(("x",)).result()
-    s = sync.targets(batch)
-    torch.testing.assert_close(a["mri"]["logits"], s["mri"]["logits"])
-    torch.testing.assert_close(a["mri"]["bottleneck"], s["mri"]["bottleneck"])
-    assert s["mri"]["logits"].shape == (2, 3, 16, 16, 16) and s["mri"]["bottleneck"].shape[1] == 128
-    # a newer checkpoint lands: the callback swaps it in
-    assert sync.refresh(torch.device("cpu")) == 0
-    time.sleep(0.01)
-    _save_teacher(ckpt_dir / "last.ckpt", seed=1)
-    os.utime(ckpt_dir / "last.ckpt", ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert sync.refresh(torch.device("cpu")) == 1 and sync.swaps == 1
-    s2 = sync.targets(batch)
-    assert not torch.allclose(s2["mri"]["logits"], s["mri"]["logits"])
-    asyn._pool.shutdown()
+    s0 = cb.compute_targets(batch)["mri"]["logits"]
+    assert cb.refresh(torch.device("cpu")) == 0
+    # a newer checkpoint being written in place (no atomic rename): truncated → skipped, no error
+    good = tmp_path / "new.ckpt"
+    _save_teacher(good, seed=1)
+    data = good.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert cb.refresh(torch.device("cpu")) == 0 and cb.swaps == 0
+    torch.testing.assert_close(cb.compute_targets(batch)["mri"]["logits"], s0)
+    # it vanishes (rotated away): not an error either
+    ckpt.unlink()
+    assert resolve_checkpoint(ckpt_dir) is None
+    assert cb.refresh(torch.device("cpu")) == 0
+    # a file that changes while it is being read is not accepted
+    ckpt.write_bytes(data)
+
+    class Growing(AsyncTeacherDistillation):
+        def _load_stable(self, path, device):
+            real = trifuse_distill.load_teacher
+
+            def load_and_touch(p, d):
+                t = real(p, d)
+                with open(path, "ab") as fh:  # the writer appends while we read
+                    fh.write(b"x")
+                return t
+
+            trifuse_distill.load_teacher = load_and_touch
+            try:
+                return super()._load_stable(path, device)
+            finally:
+                trifuse_distill.load_teacher = real
+
+    g = Growing({"mri": str(ckpt_dir)}, asynchronous=False)
+    g.teachers, g.loaded = dict(cb.teachers), {"mri": ("old", 0, 0)}
+    assert g.refresh(torch.device("cpu")) == 0 and g.swaps == 0
+    # the complete file, written atomically, is swapped in
+    from trifuse.lightning.checkpoint_io import atomic_torch_save
+
+    atomic_torch_save(torch.load(good, weights_only=False), ckpt)
+    assert not list(ckpt_dir.glob(".*.tmp"))
+    assert cb.refresh(torch.device("cpu")) == 1 and cb.swaps == 1 and cb.swap_log[-1][1] == "mri"
+    assert not torch.allclose(cb.compute_targets(batch)["mri"]["logits"], s0)
+
+
+def test_atomic_checkpoint_io_leaves_the_old_file_on_failure(tmp_path):
+    from trifuse.lightning.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ck" / "best.ckpt"
+    io.save_checkpoint({"a": torch.ones(3)}, path)
+    torch.testing.assert_close(torch.load(path)["a"], torch.ones(3))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"a": torch.zeros(3), "b": Unpicklable()}, path)
+    torch.testing.assert_close(torch.load(path)["a"], torch.ones(3))  # the old checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no temporary file left
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
@@ -80,16 +175,20 @@ def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synth
         accelerator="cpu", max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0
     )
     trainer.fit(model, dm)
-    assert trainer.callback_metrics["train/loss_resp"] >= 0 and "train/loss_feat" in trainer.callback_metrics
-    assert cb.stats["computed_now"] + cb.stats["lookahead_hits"] == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss_resp"]) and torch.isfinite(trainer.callback_metrics["train/loss_feat"])
+    assert cb.stats["steps"] == 2 and cb.stats["started_ahead"] == 1  # batch 2's targets were started during step 1
     out = tmp_path / "student.ckpt"
     trainer.save_checkpoint(out)
     ckpt = torch.load(out, map_location="cpu", weights_only=False)
     assert not any(k.startswith(("teacher", "distiller")) for k in ckpt["state_dict"])
     assert all(k.split(".")[0] in {"student", "fusion", "student_proj", "fusion_head", "criterion", "val_metrics"} for k in ckpt["state_dict"])
-    teacher_params = sum(p.numel() for p in cb.teachers["mri"].parameters())
-    student_params = sum(v.numel() for v in ckpt["state_dict"].values())
-    assert student_params < teacher_params + sum(p.numel() for p in model.parameters())  # no teacher copy inside
+    # no tensor of the teacher inside: none has the shape of the teacher's first conv
+    t_shapes = {tuple(p.shape) for p in cb.teachers["mri"].parameters() if p.ndim == 5}
+    s_shapes = {tuple(v.shape) for v in ckpt["state_dict"].values()}
+    first = tuple(next(cb.teachers["mri"].net.parameters()).shape)
+    assert first in t_shapes and first not in s_shapes
+    ours = [st for name, st in ckpt["callbacks"].items() if "AsyncTeacherDistillation" in name]
+    assert len(ours) == 1 and not any(torch.is_tensor(v) for v in ours[0].values())
     reloaded = StudentModule.load_from_checkpoint(out, map_location="cpu")
     x = torch.randn(1, 4, 16, 16, 16)
     model.eval(), reloaded.eval()

@@ -205,7 +205,10 @@ class BratsDataModule(L.LightningDataModule):
         patch_size: training patch ``(D, H, W)`` in voxels.
         batch_size: training batch size (validation uses 1: whole cases differ in size).
         num_workers: loader worker processes.
-        samples_per_epoch: training patches per epoch.
+        samples_per_epoch: training patches per epoch *per rank* (DDP: each of N ranks draws
+            this many, so N GPUs see N× the patches of one, at the same steps per epoch).
+        steps_per_epoch: optimizer steps per epoch per rank (nnU-Net: 250); when set it wins
+            over ``samples_per_epoch`` (= ``steps_per_epoch × batch_size × accumulate_grad_batches``).
         fg_prob: foreground oversampling probability.
         augment: apply :class:`~trifuse.transforms.RandomAugment` to training patches.
         sample_transforms: extra per-sample transforms (e.g. the pixel tier).
@@ -228,6 +231,7 @@ class BratsDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 2,
         samples_per_epoch: int = 250,
+        steps_per_epoch: Optional[int] = None,
         fg_prob: float = 0.5,
         augment: bool = True,
         sample_transforms: Optional[list[SampleTransform]] = None,
@@ -247,6 +251,9 @@ class BratsDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.samples_per_epoch = samples_per_epoch
+        self.steps_per_epoch = steps_per_epoch
+        #: set by AsyncTeacherDistillation: sees each training batch one step ahead (LookaheadDataLoader)
+        self.train_lookahead = None
         self.fg_prob = fg_prob
         self.augment = augment
         self.sample_transforms = list(sample_transforms or [])
@@ -295,6 +302,11 @@ class BratsDataModule(L.LightningDataModule):
         return int(self.manifest["year"]) if self.manifest else None
 
     # --- transforms ------------------------------------------------------------------
+    def _on_device(self, t: SampleTransform) -> bool:
+        # case-frame transforms (pixel tier) must run before spatial augmentation: with
+        # augmentation on they stay in the workers
+        return getattr(t, "supports_batch", False) and not (self.augment and getattr(t, "needs_case_frame", False))
+
     def _worker_transforms(self) -> list[SampleTransform]:
         if self.transforms_on_device:
             return [t for t in self.sample_transforms if not self._on_device(t)]
@@ -302,31 +314,36 @@ class BratsDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.transforms_on_device and isinstance(batch, dict):
-    def _on_device(self, t: SampleTransform) -> bool:
-        # case-frame transforms (pixel tier) must run before spatial augmentation: with
-        # augmentation on they stay in the workers
-        return getattr(t, "supports_batch", False) and not (self.augment and getattr(t, "needs_case_frame", False))
-
             for t in self.sample_transforms:
                 if self._on_device(t):
                     batch = t(batch)
         return batch
 
     # --- loaders ---------------------------------------------------------------------
+    def patches_per_rank(self) -> int:
+        """Training patches each rank draws per epoch (see ``samples_per_epoch``/``steps_per_epoch``)."""
+        if self.steps_per_epoch:
+            accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
+            return int(self.steps_per_epoch) * int(self.batch_size) * accumulate
+        return int(self.samples_per_epoch)
+
     def train_dataset(self) -> PatchDataset:
+        # the dataset holds every rank's patches: Lightning's DistributedSampler gives each
+        # rank 1/world_size of them, i.e. patches_per_rank()
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
         return PatchDataset(
             self.resolved_cache_dir,
             self.train_ids,
             patch_size=self.patch_size,
-            samples_per_epoch=self.samples_per_epoch,
+            samples_per_epoch=self.patches_per_rank() * world,
             fg_prob=self.fg_prob,
             augment=RandomAugment() if self.augment else None,
             sample_transforms=self._worker_transforms(),
             seed=self.seed,
         )
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False, sampler=None, loader_cls=DataLoader, **extra) -> DataLoader:
+        return loader_cls(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -335,9 +352,14 @@ class BratsDataModule(L.LightningDataModule):
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_lookahead is not None:  # one batch ahead for the distillation callback
+            from trifuse.lightning.distill import LookaheadDataLoader
+
+            return self._loader(self.train_dataset(), self.batch_size, loader_cls=LookaheadDataLoader, on_fetch=self.train_lookahead)
         return self._loader(self.train_dataset(), self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
