@@ -91,9 +91,27 @@ def test_head_posteriors_and_mappers(phantom):
                                torch.einsum("bkdhw,k->bdhw", p, zk)[brain[:, 0]], rtol=1e-5, atol=1e-5)
 
 
-def test_render_figure(tmp_path, phantom_pair):
-    from trifuse.physics import render_physics_figure
+def test_figure_shows_the_training_view_beside_native(tmp_path, phantom):
+    from matplotlib.image import imread
 
-    out = render_physics_figure(phantom_pair[0], tmp_path / "fig" / "physics.png")
-    assert out.exists() and out.stat().st_size > 10_000
-    assert [p.name for p in (tmp_path / "fig").iterdir()] == ["physics.png"]
+    from trifuse.physics import render_physics_figure
+    from trifuse.physics.figure import physics_panels
+    from trifuse.physics.transforms import SimulateUltrasound, SynthesizeCT
+    from trifuse.physics.ultrasound import ProbeConfig
+
+    p = physics_panels(phantom, seed=2)
+    titles = [c[0] for c in p["columns"]]
+    assert titles[2].startswith("US as trained (2 mm") and titles[3] == "US native resolution"
+    # the training column is exactly what a teacher gets from the configs' transform; the native one differs
+    train = SimulateUltrasound(ProbeConfig(), seed=2)(phantom)[keys.US][0].numpy()
+    native = SimulateUltrasound(ProbeConfig(resolution_mm=None), seed=2)(phantom)[keys.US][0].numpy()
+    assert (p["columns"][2][1] == train).all() and (p["columns"][3][1] == native).all()
+    assert not (train == native).all()
+    ct = SynthesizeCT()(phantom)[keys.CT].numpy()
+    for c in range(keys.CT_CHANNELS):  # one column per CT window, as the network receives it
+        assert (p["columns"][4 + c][1] == ct[c]).all() and keys.CT_WINDOWS[c][0] in titles[4 + c]
+    out = render_physics_figure(phantom, tmp_path / "fig" / "physics.png", seed=2)
+    assert [q.name for q in (tmp_path / "fig").iterdir()] == ["physics.png"]  # atomic: no temp file left
+    img = imread(out)
+    assert img.shape[1] > 1.8 * img.shape[0]  # a 3 x 6 grid: wider than tall
+    assert img[..., :3].std() > 0.05  # not a blank canvas

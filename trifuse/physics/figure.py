@@ -4,7 +4,7 @@
 coronal and sagittal planes through the probe's target (the FLAIR-abnormal centroid
 by default, red +; the probe face centre projected on the plane is the cyan o in the
 US columns); columns T1ce, FLAIR, the simulated US exactly as a teacher sees it in
-training (the configs' probe, working resolution ``ProbeConfig().resolution_mm``), the
+training (the configs' probe, working resolution ``ProbeConfig().working_mm``), the
 same probe and seed rendered at native resolution, and the two channels of the
 synthetic CT as the network receives them (brain and bone windows of
 :data:`trifuse.keys.CT_WINDOWS`, each in [0, 1]). ``us``/``ct`` entries of the sample
@@ -23,7 +23,7 @@ import torch
 from trifuse import keys
 from trifuse.physics.ct import CTMixtureModel
 
-__all__ = ["render_physics_figure", "plane_axes"]
+__all__ = ["render_physics_figure", "physics_panels", "plane_axes"]
 
 
 
@@ -49,29 +49,15 @@ def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     return s.T  # rows = the later array axis, displayed with origin="lower"
 
 
-def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CTMixtureModel | str | None = None, seed: int = 0,
-                          dpi: int = 110, probe=None) -> Path:
-    """Render the pixel-tier figure for one sample.
-
-    Args:
-        sample: sample dict (unbatched) with ``keys.MRI``, ``keys.BRAIN`` and
-            ``keys.META``; ``keys.US``/``keys.CT`` are computed if absent.
-        out_png: output path (written atomically).
-        ct_model: CT mixture (or path to one) used when the sample has no CT.
-        seed: speckle seed when the US is computed here.
-        probe: :class:`~trifuse.physics.ultrasound.ProbeConfig` of the training view
-            (default: the default probe at its working resolution, as the configs);
-            the native column renders it with ``resolution_mm=None``.
-        dpi: figure resolution.
+def physics_panels(sample: dict, ct_model: CTMixtureModel | str | None = None, seed: int = 0, probe=None) -> dict:
+    """The volumes of the pixel-tier figure (what :func:`render_physics_figure` draws).
 
     Returns:
-        The written path.
+        dict with ``"columns"``: list of ``(title, volume (D, H, W) ndarray, cmap, (lo, hi) or None)``
+        (T1ce, FLAIR, US as trained, US native, one per CT window), ``"us_columns"`` (their
+        indices), ``"target"``/``"centre"`` (mm), ``"index"`` (voxel through the target),
+        ``"spacing"``, ``"planes"`` and ``"sample"`` (with the training-view US and CT).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from trifuse.physics.transforms import SimulateUltrasound, SynthesizeCT
     from trifuse.physics.ultrasound import place_probe, ProbeConfig
     from trifuse.physics.tissues import spacing_tensor
@@ -101,14 +87,42 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
         geom = place_probe(mri[None], torch.as_tensor(s[keys.BRAIN]).bool()[None], spacing_tensor(spacing, 1), ProbeConfig())
         target, centre = geom.target[0].tolist(), geom.origin[0].tolist()
     idx = [int(np.clip(round(t / float(sp)), 0, n - 1)) for t, sp, n in zip(target, spacing, mri.shape[1:])]
-    planes = plane_axes(s[keys.META].get("affine"))
-    res = train_probe.resolution_mm
+    res = train_probe.working_mm
     cols = [("T1ce", mri[keys.T1CE].numpy(), "gray", None), ("FLAIR", mri[keys.FLAIR].numpy(), "gray", None),
             (f"US as trained ({res:g} mm)" if res else "US as trained", us, "gray", (0.0, 1.0)),
             ("US native resolution", us_native, "gray", (0.0, 1.0))]
     for c, (name, lo, hi) in enumerate(keys.CT_WINDOWS):
         cols.append((f"CT {name} window [{lo:g}, {hi:g}] HU", ct[c], "gray", (0.0, 1.0)))
-    us_cols = (2, 3)
+    return {"columns": cols, "us_columns": (2, 3), "target": target, "centre": centre, "index": idx, "spacing": spacing,
+            "planes": plane_axes(s[keys.META].get("affine")), "sample": s}
+
+
+def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CTMixtureModel | str | None = None, seed: int = 0,
+                          dpi: int = 110, probe=None) -> Path:
+    """Render the pixel-tier figure for one sample.
+
+    Args:
+        sample: sample dict (unbatched) with ``keys.MRI``, ``keys.BRAIN`` and
+            ``keys.META``; ``keys.US``/``keys.CT`` are computed if absent.
+        out_png: output path (written atomically).
+        ct_model: CT mixture (or path to one) used when the sample has no CT.
+        seed: speckle seed when the US is computed here.
+        probe: :class:`~trifuse.physics.ultrasound.ProbeConfig` of the training view
+            (default: the default probe at its working resolution, as the configs);
+            the native column renders it with ``resolution_mm=None``.
+        dpi: figure resolution.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = physics_panels(sample, ct_model, seed, probe)
+    cols, us_cols, target, centre = p["columns"], p["us_columns"], p["target"], p["centre"]
+    idx, spacing, planes, s = p["index"], p["spacing"], p["planes"], p["sample"]
     fig, axs = plt.subplots(3, len(cols), figsize=(3.1 * len(cols), 9.5), facecolor="black")
     for r, plane in enumerate(("axial", "coronal", "sagittal")):
         ax_i = planes[plane]

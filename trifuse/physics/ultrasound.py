@@ -78,6 +78,7 @@ __all__ = [
     "sample_rays",
     "trace_rays",
     "psf_blur",
+    "psf_samples",
     "log_compress",
     "ray_image",
     "scan_convert",
@@ -114,7 +115,9 @@ class ProbeConfig:
         angle_deg: sector opening, lateral.
         elevation_angle_deg: sector opening, elevation (3-D pyramid).
         resolution_mm: working voxel size of the simulation (see module docstring);
-            ``None`` = native voxels.
+            ``None`` = native voxels; ``"psf"`` = chosen from the PSF (twice the lateral
+            σ at this frequency, so that the PSF is at least half a sample wide on
+            every axis and survives the sampling; :attr:`working_mm`).
         n_rays: (lateral, elevation) ray counts; ``None``: one working voxel apart at
             full depth, capped at ``max_rays``.
         samples_per_ray: samples along each ray; ``None``: one per working voxel.
@@ -128,9 +131,11 @@ class ProbeConfig:
         window_margin_mm: craniotomy radius beyond the face footprint.
         window_depth_mm: how deep below the face the craniotomy opening reaches
             (skull thickness plus the gap to a curved brain surface).
-        psf_sigma_mm: Gaussian PSF σ (axial, lateral, elevation) in mm: axial ≈ the
-            pulse envelope (~1.5 cycles at 7 MHz), lateral ≈ λ·F#, elevation worse
-            (fixed elevation lens).
+        psf_sigma_mm: Gaussian PSF σ (axial, lateral, elevation) in mm at
+            ``psf_reference_mhz``: axial ≈ the pulse envelope (~1.5 cycles), lateral ≈
+            λ·F#, elevation worse (fixed elevation lens). Every term is proportional to
+            the wavelength, so the PSF used is σ·f_ref/f (:attr:`psf_mm`).
+        psf_reference_mhz: frequency at which ``psf_sigma_mm`` is given.
         speckle_contrast: κ in [0, 1], the random fraction of the scatter amplitude,
             √s·(√(1−κ²) + κ·ξ): κ = 1 is fully developed (Rayleigh) speckle of one
             resolution cell; a 1-2 mm working voxel spans several real speckle cells
@@ -149,7 +154,7 @@ class ProbeConfig:
     elevation_mm: float = 24.0
     angle_deg: float = 60.0
     elevation_angle_deg: float = 60.0
-    resolution_mm: float | None = 2.0
+    resolution_mm: float | str | None = 2.0
     n_rays: tuple[int, int] | None = None
     samples_per_ray: int | None = None
     max_rays: int = 160
@@ -162,6 +167,7 @@ class ProbeConfig:
     window_margin_mm: float = 5.0
     window_depth_mm: float = 15.0
     psf_sigma_mm: tuple[float, float, float] = (0.4, 0.7, 1.2)
+    psf_reference_mhz: float = 7.0
     speckle_contrast: float = 0.6
     dynamic_range_db: float = 60.0
     gain_db: float = 18.0
@@ -175,6 +181,21 @@ class ProbeConfig:
             raise ValueError("probe depth_mm and frequency_mhz must be positive")
         if self.geometry == "sector" and not (0 < self.angle_deg < 180 and 0 < self.elevation_angle_deg < 180):
             raise ValueError("sector angles must lie in (0, 180) degrees")
+        if isinstance(self.resolution_mm, str) and self.resolution_mm != "psf":
+            raise ValueError(f"resolution_mm must be a number, None or 'psf', got {self.resolution_mm!r}")
+
+    @property
+    def psf_mm(self) -> tuple[float, float, float]:
+        """PSF σ (axial, lateral, elevation) in mm at ``frequency_mhz`` (∝ wavelength)."""
+        k = self.psf_reference_mhz / self.frequency_mhz
+        return tuple(float(v) * k for v in self.psf_sigma_mm)
+
+    @property
+    def working_mm(self) -> float | None:
+        """Working voxel size in mm (``None``: native): ``resolution_mm``, or 2 σ_lateral for ``"psf"``."""
+        if isinstance(self.resolution_mm, str):
+            return 2.0 * self.psf_mm[1]
+        return self.resolution_mm
 
     @property
     def apex_offset_mm(self) -> float:
@@ -184,7 +205,9 @@ class ProbeConfig:
     def resolve(self, spacing: Sequence[float]) -> tuple[int, int, int]:
         """Ray counts ``(n_lateral, n_elevation, samples_per_ray)`` for a working voxel size."""
         pitch = min(float(s) for s in spacing)
-        nd = self.samples_per_ray or int(math.ceil(self.depth_mm / pitch)) + 1
+        # "psf": samples along the ray also from the (axial) PSF, so it survives the sampling
+        ax_pitch = min(pitch, 2.0 * self.psf_mm[0]) if isinstance(self.resolution_mm, str) else pitch
+        nd = self.samples_per_ray or int(math.ceil(self.depth_mm / ax_pitch)) + 1
         if self.n_rays is not None:
             return int(self.n_rays[0]), int(self.n_rays[1]), int(nd)
         if self.geometry == "linear":
@@ -615,6 +638,24 @@ def psf_energy(sigmas: Sequence[float]) -> float:
     return e
 
 
+def psf_samples(config: ProbeConfig, nl: int, ne: int, nd: int) -> tuple[float, float, float]:
+    """PSF σ in ray samples (elevation, lateral, axial) for ``(nl, ne, nd)`` rays and samples.
+
+    The lateral/elevation pitch is taken at mid-depth (sector rays diverge). Values
+    below 0.5 mean the PSF is finer than the sampling (:func:`ray_image` floors them at
+    half a sample); ``ProbeConfig(resolution_mm="psf")`` picks the pitch so none is.
+    """
+    dz = config.depth_mm / max(nd - 1, 1)
+    if config.geometry == "linear":
+        pl, pe = config.width_mm / max(nl - 1, 1), config.elevation_mm / max(ne - 1, 1)
+    else:
+        rm = config.apex_offset_mm + config.depth_mm / 2
+        pl = rm * math.radians(config.angle_deg) / max(nl - 1, 1)
+        pe = rm * math.radians(config.elevation_angle_deg) / max(ne - 1, 1)
+    psf = config.psf_mm  # mm at this frequency
+    return psf[2] / pe, psf[1] / pl, psf[0] / dz
+
+
 def log_compress(intensity: torch.Tensor, dynamic_range_db: float, gain_db: float = 0.0) -> torch.Tensor:
     """Map echo intensity (1 = perfect reflector at the face) to [0, 1] on a dB scale."""
     db = 10.0 * torch.log10(intensity.clamp_min(1e-30)) + gain_db
@@ -670,17 +711,10 @@ def ray_image(
     sc = vals[:, 2].masked_fill(~inside, 0.0).clamp_min(0.0)
     dz = config.depth_mm / (nd - 1)
     tr = trace_rays(z, alpha, sc, dz, config.frequency_mhz)
-    # PSF in ray units: lateral/elevation pitch (mm) at mid-depth
-    if config.geometry == "linear":
-        pl, pe = config.width_mm / max(nl - 1, 1), config.elevation_mm / max(ne - 1, 1)
-    else:
-        rm = config.apex_offset_mm + config.depth_mm / 2
-        pl = rm * math.radians(config.angle_deg) / max(nl - 1, 1)
-        pe = rm * math.radians(config.elevation_angle_deg) / max(ne - 1, 1)
     # at least half a sample: the sampled echo field must be band-limited (otherwise a
     # partial-volume ramp over two samples would alias into two weak echoes instead of
     # adding coherently into one)
-    sig = (max(config.psf_sigma_mm[2] / pe, 0.5), max(config.psf_sigma_mm[1] / pl, 0.5), max(config.psf_sigma_mm[0] / dz, 0.5))
+    sig = tuple(max(v, 0.5) for v in psf_samples(config, nl, ne, nd))
     energy = psf_energy(sig)
     xi = _speckle(tr["amplitude"].shape[1:], seeds, maps.device, maps.dtype)
     # echo field: specular r_i plus backscatter √s_i·(√(1−κ²) + κ·ξ_i), the random part
@@ -807,7 +841,7 @@ def simulate_fov(
     fov = fov_box(geom, config, shape, spacing)[0]
     if any(lo >= hi for lo, hi in fov):  # the field of view misses the volume
         return None, None
-    fac = coarse_factors(spacing[0].tolist(), config.resolution_mm)
+    fac = coarse_factors(spacing[0].tolist(), config.working_mm)
     ft = torch.tensor(fac, device=dev, dtype=spacing.dtype)
     mg = [int(math.ceil(head.total_mm / float(s))) + f for s, f in zip(spacing[0].tolist(), fac)]
     cb = [[max(0, lo - m), min(n, hi + m)] for (lo, hi), m, n in zip(fov, mg, shape)]
