@@ -19,13 +19,15 @@ def run(args) -> int:
         kw = dict(price_input=args.price_input, price_output=args.price_output, detail=args.detail,
                   max_tokens=args.max_tokens, response_format=args.response_format, batch=args.batch)
         if args.batch:
-            kw["batch_poll_s"] = args.batch_poll
+            kw.update(batch_poll_s=args.batch_poll, batch_max_wait_s=args.batch_wait)
     summary = describe_cases(samples, args.backend, out, model=args.model, base_url=args.base_url,
                              concurrency=args.concurrency, dry_run=args.dry_run, progress=not args.no_progress,
                              total=len(case_ids), retry_refused=args.retry_refused, **kw)
     print(summary.format())
     if not args.dry_run:
         print(f"descriptions of {summary.cases_complete}/{summary.cases} case(s) in {out}")
+    if summary.batch_pending:
+        print(f"batch(es) {', '.join(summary.batch_pending)} still running; re-run the same command to collect them")
     if summary.aborted:
         raise StageError(f"stopped after {summary.requests} request(s): {summary.aborted}")
     if summary.failures:
@@ -57,6 +59,8 @@ def register(sub) -> None:
                    help="first response format tried; a server that rejects it gets the next")
     s.add_argument("--batch", action="store_true", help="OpenAI Batch API: upload, poll, download (half price, resumable)")
     s.add_argument("--batch-poll", type=float, default=30.0, help="seconds between batch status polls")
+    s.add_argument("--batch-wait", type=float, default=None,
+                   help="stop polling after this many seconds (the batch keeps running; re-run to collect it)")
     s.add_argument("--retry-refused", action="store_true", help="request views the model refused before once more")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--out", default=None, help="output folder (default: <data>/../descriptions/<name>)")

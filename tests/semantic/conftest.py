@@ -118,6 +118,7 @@ class FakeOpenAIServer:
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.times: list[float] = []  # monotonic arrival time of each chat request
+        self.batch_bodies: list[dict] = []  # chat request bodies that arrived through a batch
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -127,9 +128,17 @@ class FakeOpenAIServer:
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802
+                status, payload = server.batch_api.get(self.path.rstrip("/"))
+                self._send(status, payload, {})
+
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                path = self.path.rstrip("/")
+                if path in ("/v1/files", "/v1/batches"):
+                    status, payload = server.batch_api.post(path, raw, self.headers.get("Content-Type", ""))
+                    return self._send(status, payload, {})
+                if path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": "not found"}}, {})
                 body = json.loads(raw)
                 with server.lock:
@@ -153,7 +162,10 @@ class FakeOpenAIServer:
                     pass
 
             def _send(self, status: int, payload: Any, headers: dict) -> None:
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                if isinstance(payload, bytes):
+                    data = payload
+                else:
+                    data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -162,6 +174,7 @@ class FakeOpenAIServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+        self.batch_api = FakeBatchAPI(self)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -180,6 +193,80 @@ class FakeOpenAIServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FakeBatchAPI:
+    """OpenAI Batch API on the same server: ``POST /v1/files`` (multipart upload),
+    ``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``.
+
+    A batch stays ``in_progress`` for ``polls_before_done`` status polls, then runs every
+    line through the server's chat ``script`` (same answers as online) and completes.
+    """
+
+    def __init__(self, server: "FakeOpenAIServer") -> None:
+        self.server = server
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.polls: dict[str, int] = {}
+        self.polls_before_done = 1
+        self.uploads = 0
+        self.creates = 0
+        self.lock = threading.Lock()
+
+    def post(self, path: str, raw: bytes, ctype: str) -> tuple[int, Any]:
+        import email.parser
+        import email.policy
+
+        with self.lock:
+            if path == "/v1/files":
+                msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
+                data = next(p.get_payload(decode=True) for p in msg.iter_parts() if p.get_filename())
+                self.uploads += 1
+                fid = f"file-{len(self.files) + 1}"
+                self.files[fid] = data
+                return 200, {"id": fid, "object": "file", "bytes": len(data), "created_at": 1700000000,
+                             "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}
+            body = json.loads(raw)
+            self.creates += 1
+            bid = f"batch_{len(self.batches) + 1}"
+            self.batches[bid] = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                                 "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                                 "status": "validating", "output_file_id": None, "error_file_id": None,
+                                 "created_at": 1700000000, "metadata": body.get("metadata")}
+            self.polls[bid] = 0
+            return 200, self.batches[bid]
+
+    def get(self, path: str) -> tuple[int, Any]:
+        with self.lock:
+            parts = path.strip("/").split("/")
+            if len(parts) == 3 and parts[1] == "batches" and parts[2] in self.batches:
+                b = self.batches[parts[2]]
+                self.polls[b["id"]] += 1
+                if b["status"] != "completed" and self.polls[b["id"]] > self.polls_before_done:
+                    b["output_file_id"] = self._run(b)
+                    b["status"] = "completed"
+                elif b["status"] == "validating":
+                    b["status"] = "in_progress"
+                return 200, b
+            if len(parts) == 4 and parts[1] == "files" and parts[3] == "content" and parts[2] in self.files:
+                return 200, self.files[parts[2]]
+        return 404, {"error": {"message": f"no such object {path}"}}
+
+    def _run(self, batch: dict) -> str:
+        out = []
+        for line in self.files[batch["input_file_id"]].decode().splitlines():
+            req = json.loads(line)
+            with self.server.lock:
+                self.server.batch_bodies.append(req["body"])
+                n = len(self.server.batch_bodies)
+            status, payload, _ = self.server.script(n, req["body"])
+            out.append(json.dumps({"id": f"req_{n}", "custom_id": req["custom_id"],
+                                   "response": {"status_code": status, "request_id": f"r{n}", "body": payload},
+                                   "error": None}))
+        fid = f"file-{len(self.files) + 1}"
+        self.files[fid] = ("\n".join(out) + "\n").encode()
+        return fid
 
 
 @pytest.fixture

@@ -214,3 +214,46 @@ def test_stale_offline_plus_failed_openai_run_is_refused(synthetic_cohort, fake_
         assert main([stage, "--data", str(data), "--cache", str(cache), "--descriptions", str(desc)]) == 1
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert "mixes describers" in line and "BraTS2021_00000" in line and "openai/gpt-4o" in line, line
+
+
+def test_batch_api_end_to_end_with_restart_mid_batch(fake_openai, api_key, phantom, tmp_path):
+    cases = _cases(phantom, 3)
+    api = fake_openai.batch_api
+    api.polls_before_done = 3
+    prices = dict(price_input=2.0, price_output=8.0)  # standard tier; the batch pays half
+    s1 = describe_cases(cases, _describer(fake_openai, batch=True, **prices), tmp_path, batch_poll_s=0.02,
+                        batch_max_wait_s=0.0)
+    # the preflight went online alone; the other 8 views are in one uploaded batch, still running
+    assert fake_openai.n_requests == 1 and (api.uploads, api.creates) == (1, 1)
+    assert s1.batch_requests == 8 and s1.batch_pending == ["batch_1"] and not s1.ok and s1.cases_complete == 0
+    state = json.loads((tmp_path / "batches" / "state.json").read_text())
+    assert [b["id"] for b in state["batches"]] == ["batch_1"] and len(state["batches"][0]["keys"]) == 8
+    lines = [json.loads(x) for x in api.files["file-1"].decode().splitlines()]
+    assert {x["url"] for x in lines} == {"/v1/chat/completions"} and lines[0]["body"]["model"] == "gpt-4o"
+
+    # a restart (new process, new describer): the stored batch is polled and collected, nothing re-uploaded
+    s2 = describe_cases(cases, _describer(fake_openai, batch=True, **prices), tmp_path, batch_poll_s=0.02)
+    assert (api.uploads, api.creates) == (1, 1) and fake_openai.n_requests == 1
+    assert s2.ok and (s2.cached, s2.described, s2.cases_complete) == (1, 8, 3)
+    assert not (tmp_path / "batches" / "state.json").exists()
+    assert s2.cost_usd == pytest.approx(8 * (100 * 1.0 + 50 * 4.0) / 1e6)  # half of 2.0 / 8.0 per 1M
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    assert sum(r.get("batch_id") == "batch_1" for r in recs) == 8 and len(recs) == 9
+    descs = load_descriptions(tmp_path)
+    assert sorted(descs) == ["case_000", "case_001", "case_002"]
+    assert all(d.views["axial"].enhancement == "ring" for d in descs.values())
+    # a third run is all cache
+    s3 = describe_cases(cases, _describer(fake_openai, batch=True, **prices), tmp_path, batch_poll_s=0.02)
+    assert s3.cached == 9 and api.uploads == 1 and s3.batch_requests == 0
+
+
+def test_batch_results_are_validated_and_failures_recorded(fake_openai, api_key, phantom, tmp_path):
+    def script(n, body):
+        if fake_openai.requested_view(body) == "sagittal":
+            return 200, fake_openai.completion(json.dumps(fake_openai.view_answer("sagittal", oedema="vast"))), {}
+        return fake_openai.ok(n, body)
+
+    fake_openai.script = script
+    s = describe_cases(_cases(phantom, 2), _describer(fake_openai, batch=True), tmp_path, batch_poll_s=0.02)
+    assert s.failed == 2 and {f["kind"] for f in s.failures} == {"schema"} and s.cases_complete == 0
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 4

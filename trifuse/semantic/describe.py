@@ -108,14 +108,16 @@ class DescribeSummary:
     batch: bool = False
     price_source: str = ""
     fallbacks: list[str] = field(default_factory=list)
+    batch_requests: int = 0
+    batch_pending: list[str] = field(default_factory=list)
     aborted: str | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """No view failed and the run was not stopped."""
-        return self.failed == 0 and self.aborted is None and self.skipped == 0
+        """No view failed, the run was not stopped and no batch is still running."""
+        return self.failed == 0 and self.aborted is None and self.skipped == 0 and not self.batch_pending
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,6 +150,10 @@ class DescribeSummary:
         else:
             lines.append(f"requests {self.requests} (retries {self.retries}); tokens {self.prompt_tokens} prompt + "
                          f"{self.completion_tokens} completion; cost ${self.cost_usd:.4f}")
+        if self.batch_requests:
+            lines.append(f"batch: {self.batch_requests} request(s) uploaded")
+        if self.batch_pending:
+            lines.append(f"batch still running: {', '.join(self.batch_pending)} (re-run to collect the results)")
         if self.price_source:
             lines.append(f"prices: {self.price_source}")
         for f in self.fallbacks:
@@ -310,6 +316,18 @@ class _Run:
 
     # -- event loop: describe one case ----------------------------------------------------
     async def run_case(self, w: _CaseWork) -> None:
+        self.count_case(w)
+        if self.dry_run:
+            for v in w.todo:
+                self.d.estimate(w.slices[v])
+            self._tick()
+            return
+        results = await asyncio.gather(*(self.one_view(w, v) for v in w.todo))
+        views = dict(w.cached)
+        views.update({v: r for v, r in zip(w.todo, results, strict=True) if r is not None})
+        await self.complete_case(w, views)
+
+    def count_case(self, w: _CaseWork) -> None:
         s = self.summary
         s.cases += 1
         s.views += len(self.views)
@@ -321,14 +339,10 @@ class _Run:
                 s.failures.append({"case_id": w.case_id, "view": v, "kind": "refusal_capped", "attempts": 0,
                                    "status": None, "message": f"refused {self.max_refusals} time(s) before; not "
                                    "requested again (pass --retry-refused to try once more)"})
-        if self.dry_run:
-            for v in w.todo:
-                self.d.estimate(w.slices[v])
-            self._tick()
-            return
-        results = await asyncio.gather(*(self.one_view(w, v) for v in w.todo))
-        views = dict(w.cached)
-        views.update({v: r for v, r in zip(w.todo, results, strict=True) if r is not None})
+
+    async def complete_case(self, w: _CaseWork, views: Mapping[str, ViewDescription]) -> None:
+        """Write the case file when every view is described; record the case's status."""
+        s = self.summary
         if all(v in views for v in self.views):
             refs = {v: SliceRef(index=w.slices[v].index, index_original=w.slices[v].index_original,
                                 axis=w.slices[v].geometry.slice_axis, image_hash=w.slices[v].image_hash)
@@ -382,10 +396,7 @@ class _Run:
             self.summary.skipped += 1
             return None
         vs, key = w.slices[view], w.keys[view]
-        base = {"key": key, "case_id": w.case_id, "view": view, "image_hash": vs.image_hash,
-                "model": self.d.model, "prompt_version": self.d.prompt_version, "source": self.d.source,
-                "describer": self.identity, "request": self.params,
-                "slice": {"index": vs.index, "index_original": vs.index_original, "axis": vs.geometry.slice_axis}}
+        base = _base_record(self, w, view)
         try:
             out = await self.d.describe_view(w.case_id, vs, w.context)
         except DescribeError as e:
@@ -404,21 +415,25 @@ class _Run:
         if err["kind"] == "aborted":  # never sent: the breaker tripped while it waited
             self.summary.skipped += 1
             return None
+        await self.record_failure(w.case_id, view, base, err)
+        self._judge(err, preflight)
+        return None
+
+    async def record_failure(self, case_id: str, view: str, base: Mapping[str, Any], err: dict[str, Any]) -> None:
+        """Count, log and store the failure of one view (refusals counted per cache key)."""
         self.summary.failed += 1
-        self.summary.failures.append({"case_id": w.case_id, "view": view, **err})
-        log.warning("describe failed %s/%s [%s]: %s", w.case_id, view, err["kind"], err["message"])
+        self.summary.failures.append({"case_id": case_id, "view": view, **err})
+        log.warning("describe failed %s/%s [%s]: %s", case_id, view, err["kind"], err["message"])
         if err["kind"] == "refusal":  # counted per cache key, so the cap applies to this very request
-            prev = self.cache.failure_path(w.case_id, view)
+            prev = self.cache.failure_path(case_id, view)
             n = 0
             try:
                 old = json.loads(prev.read_text(encoding="utf-8"))
-                n = int(old.get("refusals", 0)) if old.get("key") == key else 0
+                n = int(old.get("refusals", 0)) if old.get("key") == base["key"] else 0
             except (OSError, ValueError):
                 pass
             err = dict(err, refusals=n + 1)
-        await asyncio.to_thread(self.cache.put_failure, w.case_id, view, dict(base, **err))
-        self._judge(err, preflight)
-        return None
+        await asyncio.to_thread(self.cache.put_failure, case_id, view, dict(base, **err))
 
     def _judge(self, err: Mapping[str, Any], preflight: bool) -> None:
         """The breaker: decide after a failure whether the run can go on."""
@@ -495,12 +510,214 @@ def read_describe_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+# --------------------------------------------------------------------------------------
+# OpenAI Batch API mode
+# --------------------------------------------------------------------------------------
+BATCH_DIR = "batches"
+BATCH_STATE = "state.json"
+#: OpenAI's limits per batch input file (50,000 requests, 200 MB); we stay below them
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_BYTES = 190 * 1024 * 1024
+_TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclass
+class _Pending:
+    case_id: str
+    view: str
+    mode: str
+    base: dict[str, Any]
+
+
+async def _run_batch(run: _Run, it: Iterator[Mapping[str, Any]], poll_s: float, max_wait_s: float | None) -> None:
+    """Batch mode: preflight online, then every other uncached view through the Batch API.
+
+    Resumable: the ids of uploaded batches live in ``OUT/batches/state.json`` until their
+    results are in the cache, so a restarted run polls the same batches instead of
+    paying again. ``max_wait_s`` bounds the polling of one run (the batches keep running;
+    the summary names them in ``batch_pending``).
+    """
+    d, out = run.d, run.out
+    bdir = out / BATCH_DIR
+    bdir.mkdir(parents=True, exist_ok=True)
+    lines_path = bdir / "requests.jsonl"
+    pending: dict[str, _Pending] = {}
+    cases: dict[str, _CaseWork] = {}
+    known = {k for b in _load_state(bdir / BATCH_STATE)["batches"] for k in b.get("keys", [])}
+    with open(lines_path, "w", encoding="utf-8") as f:
+        while True:
+            w = await asyncio.to_thread(run.next_case, it)
+            if w is None:
+                break
+            run.count_case(w)
+            todo = list(w.todo)
+            fresh = [v for v in todo if w.keys[v] not in known]  # not already in a running batch
+            if fresh and not run.preflight_started:  # the preflight goes online, alone
+                v0 = fresh[0]
+                todo.remove(v0)
+                vd = await run.one_view(w, v0)
+                if vd is not None:
+                    w.cached[v0] = vd
+                if run.stop:
+                    run.summary.skipped += len(todo)
+                    cases[w.case_id] = w
+                    break
+            for v in todo:
+                vs = w.slices[v]
+                body = d.request_body(vs)
+                f.write(json.dumps({"custom_id": w.keys[v], "method": "POST", "url": "/v1/chat/completions",
+                                    "body": body}) + "\n")
+                pending[w.keys[v]] = _Pending(w.case_id, v, d.mode, _base_record(run, w, v))
+            w.slices = {v: _SliceStub(s) for v, s in w.slices.items()}  # drop the PNGs: the cohort is large
+            cases[w.case_id] = w
+    if not run.stop:
+        await _batch_cycle(run, pending, lines_path, poll_s, max_wait_s)
+    for w in cases.values():
+        views = {}
+        for v in run.views:
+            rec = run.cache.get(w.keys[v])
+            if rec is not None:
+                views[v] = rec["description"]
+        await run.complete_case(w, views)
+
+
+class _SliceStub:
+    """What a case file needs of a rendered slice once its PNG has gone into the batch file."""
+
+    def __init__(self, vs: ViewSlice) -> None:
+        self.index, self.index_original, self.image_hash = vs.index, vs.index_original, vs.image_hash
+        self.geometry = vs.geometry
+        self.view = vs.view
+
+
+def _base_record(run: _Run, w: _CaseWork, view: str) -> dict[str, Any]:
+    vs = w.slices[view]
+    return {"key": w.keys[view], "case_id": w.case_id, "view": view, "image_hash": vs.image_hash,
+            "model": run.d.model, "prompt_version": run.d.prompt_version, "source": run.d.source,
+            "describer": run.identity, "request": run.params,
+            "slice": {"index": vs.index, "index_original": vs.index_original, "axis": vs.geometry.slice_axis}}
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"batches": []}
+
+
+async def _batch_cycle(run: _Run, pending: dict[str, _Pending], lines_path: Path, poll_s: float,
+                       max_wait_s: float | None) -> None:
+    d = run.d
+    d._ensure_client()
+    client = d._client
+    state_path = run.out / BATCH_DIR / BATCH_STATE
+    state = _load_state(state_path)
+    known = {k for b in state["batches"] for k in b.get("keys", [])}
+    todo = [k for k in pending if k not in known]
+    if todo:  # upload what no earlier (still running) batch covers
+        for chunk in _chunks(lines_path, set(todo)):
+            f = await client.files.create(file=("trifuse-describe.jsonl", chunk["data"]), purpose="batch")
+            b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h",
+                                            metadata={"trifuse": "describe", "model": d.model})
+            state["batches"].append({"id": b.id, "input_file_id": f.id, "keys": chunk["keys"], "status": b.status})
+            atomic_write_json(state_path, state)  # before anything else: a restart finds the batch
+            run.summary.batch_requests += len(chunk["keys"])
+            log.info("batch %s: %d request(s) uploaded", b.id, len(chunk["keys"]))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while state["batches"]:
+        for entry in list(state["batches"]):
+            b = await client.batches.retrieve(entry["id"])
+            entry["status"] = b.status
+            if b.status in _TERMINAL:
+                await _collect(run, b, entry, pending)
+                state["batches"].remove(entry)
+            atomic_write_json(state_path, state)
+        if not state["batches"]:
+            break
+        if max_wait_s is not None and loop.time() - t0 >= max_wait_s:
+            run.summary.batch_pending = [b["id"] for b in state["batches"]]
+            run.summary.skipped += sum(1 for b in state["batches"] for k in b["keys"] if k in pending)
+            return
+        await asyncio.sleep(poll_s)
+    try:
+        state_path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _chunks(lines_path: Path, keep: set[str]) -> Iterator[dict[str, Any]]:
+    buf: list[bytes] = []
+    keys_: list[str] = []
+    size = 0
+    with open(lines_path, "rb") as f:
+        for raw in f:
+            cid = json.loads(raw)["custom_id"]
+            if cid not in keep:
+                continue
+            if buf and (len(buf) >= BATCH_MAX_LINES or size + len(raw) > BATCH_MAX_BYTES):
+                yield {"data": b"".join(buf), "keys": keys_}
+                buf, keys_, size = [], [], 0
+            buf.append(raw)
+            keys_.append(cid)
+            size += len(raw)
+    if buf:
+        yield {"data": b"".join(buf), "keys": keys_}
+
+
+async def _collect(run: _Run, batch: Any, entry: dict[str, Any], pending: dict[str, _Pending]) -> None:
+    """Download a finished batch's results, validate them into the cache, record its failures."""
+    from openai.types.chat import ChatCompletion
+
+    client, d = run.d._client, run.d
+    seen: set[str] = set()
+    for file_id in (getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)):
+        if not file_id:
+            continue
+        text = (await client.files.content(file_id)).text
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key = item.get("custom_id")
+            p = pending.get(key)
+            if p is None:
+                continue
+            seen.add(key)
+            resp = item.get("response") or {}
+            status = resp.get("status_code")
+            if status == 200:
+                try:
+                    out = d._outcome(ChatCompletion.model_validate(resp.get("body") or {}), p.view, 1, p.mode)
+                except DescribeError as e:
+                    await run.record_failure(p.case_id, p.view, p.base, e.to_dict())
+                    continue
+                rec = dict(p.base, description=out.description, attempts=1, prompt_tokens=out.prompt_tokens,
+                           completion_tokens=out.completion_tokens, cost_usd=round(out.cost_usd, 8),
+                           response_model=out.response_model, response_format=p.mode, batch_id=batch.id)
+                await asyncio.to_thread(run.cache.put, key, rec)
+                run.summary.described += 1
+            else:
+                err = (resp.get("body") or {}).get("error") or item.get("error") or {}
+                await run.record_failure(p.case_id, p.view, p.base, {
+                    "kind": "batch_error", "status": status, "attempts": 1,
+                    "message": redact(f"batch {batch.id}: {err.get('code') or ''} {err.get('message') or status}")})
+    for key in entry["keys"]:
+        if key in pending and key not in seen:  # a failed/expired batch returns no line for these
+            p = pending[key]
+            await run.record_failure(p.case_id, p.view, p.base, {
+                "kind": "batch_error", "status": None, "attempts": 1,
+                "message": f"batch {batch.id} ended {batch.status!r} without a result for this request"})
+
+
 async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: str | Describer | None,
                                out_dir: str | os.PathLike, *, model: str = "gpt-4o", base_url: str | None = None,
                                concurrency: int = 8, dry_run: bool = False, views: tuple[str, ...] = VIEWS,
                                max_pending_cases: int | None = None, breaker_threshold: int = 3,
                                max_refusals: int = 2, retry_refused: bool = False, progress: bool = False,
-                               total: int | None = None, **backend_kwargs: Any) -> DescribeSummary:
+                               total: int | None = None, batch_poll_s: float = 30.0,
+                               batch_max_wait_s: float | None = None, **backend_kwargs: Any) -> DescribeSummary:
     """Async form of :func:`describe_cases` (for callers that already run an event loop)."""
     t0 = time.perf_counter()
     for v in views:
@@ -525,8 +742,11 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
     limit = max_pending_cases or max(2, 2 * concurrency // max(1, len(views)) + 1)
     pending: set[asyncio.Task] = set()
     it = iter(samples)
+    batch_mode = bool(getattr(describer, "batch", False)) and not dry_run
     try:
-        while True:
+        if batch_mode:
+            await _run_batch(run, it, batch_poll_s, batch_max_wait_s)
+        while not batch_mode:
             work = await asyncio.to_thread(run.next_case, it)
             if work is None:
                 break
@@ -560,6 +780,7 @@ def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describe
                    concurrency: int = 8, dry_run: bool = False, views: tuple[str, ...] = VIEWS,
                    max_pending_cases: int | None = None, breaker_threshold: int = 3, max_refusals: int = 2,
                    retry_refused: bool = False, progress: bool = False, total: int | None = None,
+                   batch_poll_s: float = 30.0, batch_max_wait_s: float | None = None,
                    **backend_kwargs: Any) -> DescribeSummary:
     """Describe every sample, resumably; nothing already cached is paid for again.
 
@@ -579,6 +800,9 @@ def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describe
         retry_refused: request refused views again anyway.
         progress: show a progress bar (done/failed/cached, tokens, cost, ETA) on stderr.
         total: number of cases, for the bar's ETA.
+        batch_poll_s, batch_max_wait_s: Batch API mode (``batch=True``): seconds between
+            status polls, and how long this run polls before leaving the batches running
+            (their ids are kept; the next run collects them).
         **backend_kwargs: passed to the OpenAI describer (``max_retries``, ``timeout``,
             ``price_input``, ``price_output``, ``prompt_version``, ``batch``, …).
 
@@ -594,7 +818,8 @@ def describe_cases(samples: Iterable[Mapping[str, Any]], backend: str | Describe
                                             concurrency=concurrency, dry_run=dry_run, views=views,
                                             max_pending_cases=max_pending_cases, breaker_threshold=breaker_threshold,
                                             max_refusals=max_refusals, retry_refused=retry_refused,
-                                            progress=progress, total=total, **backend_kwargs))
+                                            progress=progress, total=total, batch_poll_s=batch_poll_s,
+                                            batch_max_wait_s=batch_max_wait_s, **backend_kwargs))
 
 
 def load_descriptions(out_dir: str | os.PathLike, describer: Mapping[str, Any] | None = None) -> dict[str, Description]:

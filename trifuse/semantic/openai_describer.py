@@ -220,6 +220,7 @@ class OpenAIDescriber:
             price_output = 1000.0 * float(price_per_1k_output)
         self.batch = bool(batch)
         self.prices = pricing.resolve_prices(model, self.base_url, price_input, price_output, batch=self.batch)
+        self.online_prices = pricing.resolve_prices(model, self.base_url, price_input, price_output)
         self.prompt_version = prompt_version
         self.detail = detail
         self.max_tokens = int(max_tokens) if max_tokens is not None else self.family.default_max_tokens
@@ -512,7 +513,7 @@ class OpenAIDescriber:
                                     status=status) from None
             break
         self._note_rate_limits(raw.headers)
-        return self._outcome(resp, view, attempts, mode)
+        return self._outcome(resp, view, attempts, mode, batch=False)
 
     def _note_rate_limits(self, headers: Mapping[str, str] | None) -> None:
         """Pause new requests when the server says the request window is used up."""
@@ -523,12 +524,12 @@ class OpenAIDescriber:
             if left is not None and str(left).strip() in ("0", "0.0"):
                 self._pause(parse_duration(headers.get(f"x-ratelimit-reset-{what}")))
 
-    def _outcome(self, resp: Any, view: str, attempts: int, mode: str) -> ViewOutcome:
-        """Account for and validate one answered request (online or from a batch result)."""
+    def _outcome(self, resp: Any, view: str, attempts: int, mode: str, batch: bool = True) -> ViewOutcome:
+        """Account for and validate one answered request (from a batch result, or ``batch=False``: online)."""
         usage = getattr(resp, "usage", None)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else 0
         ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage else 0
-        spent = self.cost(pt, ct)
+        spent = (self.prices if batch else self.online_prices).cost(pt, ct)
         self.usage.prompt_tokens += pt
         self.usage.completion_tokens += ct
         self.usage.cost_usd += spent

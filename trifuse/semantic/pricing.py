@@ -103,15 +103,16 @@ class Prices:
 
 def resolve_prices(model: str, base_url: str | None, price_input: float | None = None,
                    price_output: float | None = None, batch: bool = False) -> Prices:
-    """Prices of a run: explicit ones win; OpenAI's server uses :data:`FAMILIES` (halved in batch); others 0."""
+    """Prices of a run: explicit ones win; OpenAI's server uses :data:`FAMILIES`; others 0. Batch halves them."""
+    k = BATCH_DISCOUNT if batch else 1.0
     if price_input is not None or price_output is not None:
-        return Prices(float(price_input or 0.0), float(price_output or 0.0), "given (--price-input/--price-output)")
+        return Prices(float(price_input or 0.0) * k, float(price_output or 0.0) * k,
+                      "given (--price-input/--price-output)" + (", halved for the Batch API" if batch else ""))
     if not is_openai_server(base_url):
         return Prices(0.0, 0.0, f"0: {base_url} is not OpenAI's server (give --price-input/--price-output)")
     fam = model_family(model)
     if fam is UNKNOWN:
         return Prices(0.0, 0.0, f"unknown: no price for {model!r} in the table (give --price-input/--price-output)")
-    k = BATCH_DISCOUNT if batch else 1.0
     return Prices(fam.price_input * k, fam.price_output * k,
                   f"{fam.name} {'batch' if batch else 'standard'} tier, {PRICE_SOURCE}")
 

@@ -146,7 +146,8 @@ def view_similarity(model, mri: np.ndarray | torch.Tensor, brain: np.ndarray | t
 
     device = model_device(model)
     scale = model.scale()
-    idx = list(range(0, n_slices, max(1, int(slice_step))))
+    step = max(1, int(slice_step))
+    idx = list(range((step - 1) // 2, n_slices, step))  # near the centre of each stride (a reduced cell)
     maps = []
     for i0 in range(0, len(idx), batch_size):
         sel = idx[i0:i0 + batch_size]
