@@ -11,13 +11,18 @@ DATA ?= synthetic
 DEVICES ?= 1
 NODES ?= 1
 STRATEGY ?= auto
-PRECISION ?= 32-true
+# PRECISION: empty → the trainer preset's (cpu.yaml 32-true, gpu.yaml 16-mixed); `auto` → bf16-mixed
+# where the GPU supports bfloat16 (A100, H100, RTX 30xx+), else 16-mixed (V100, T4); or any Lightning
+# precision. It holds for the teachers' training and the student alike, and the student's frozen
+# teachers follow it (AsyncTeacherDistillation precision: auto).
+PRECISION ?=
+_PRECISION = $(if $(filter auto,$(PRECISION)),$(shell $(PY) -c "import torch; c = torch.cuda.is_available(); print(('bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed') if c else '32-true')"),$(PRECISION))
 MAX_EPOCHS ?=
 ARGS ?=
 N ?= 16
 SEED ?= 0
 # feature tier (teachers, evaluate): DATA names configs/data/$(DATA).yaml; the trainer preset is
-# cpu for the synthetic cohort, gpu (AMP) otherwise; STRATEGY and PRECISION override the preset
+# cpu for the synthetic cohort, gpu (AMP) otherwise; STRATEGY (when set) and PRECISION (when non-empty) override the preset
 # only when set on the command line; DEVICES or NODES > 1 add configs/trainer/ddp.yaml.
 TRAINER ?= configs/trainer/$(if $(filter synthetic,$(DATA)),cpu,gpu).yaml
 EVAL_CKPT ?= runs/teachers/mri/checkpoints/best.ckpt
@@ -87,7 +92,7 @@ _SYNTH := $(filter synthetic,$(DATA))
 TEACHER_CONFIGS = -c $(TRAINER) $(if $(_MULTI),-c configs/trainer/ddp.yaml) -c configs/data/$(DATA).yaml
 TEACHER_OVERRIDES = --trainer.devices=$(DEVICES) --trainer.num_nodes=$(NODES) \
 	$(if $(filter command line environment,$(origin STRATEGY)),--trainer.strategy=$(STRATEGY)) \
-	$(if $(filter command line environment,$(origin PRECISION)),--trainer.precision=$(PRECISION)) \
+	$(if $(_PRECISION),--trainer.precision=$(_PRECISION)) \
 	$(if $(MAX_EPOCHS),--trainer.max_epochs=$(MAX_EPOCHS))
 
 define teacher_fit

@@ -327,7 +327,9 @@ class AsyncTeacherDistillation(L.Callback):
             ok = strategy.reduce_boolean_decision(ok, all=True)
         if not ok:
             return 0
-        self._drain(clear=True)  # targets computed by the old teachers are not used
+        with self._lock:
+            stale = [e.inputs for e in self._pending]
+        self._drain(clear=True)  # targets computed by the old teachers are not used ...
         step = int(getattr(trainer, "global_step", -1)) if trainer is not None else -1
         for m, (teacher, stamp) in new.items():
             self.teachers[m] = teacher
@@ -335,6 +337,8 @@ class AsyncTeacherDistillation(L.Callback):
             self.swaps += 1
             self.swap_log.append((step, m, stamp[0]))
             log.info("teacher %s: swapped in %s at step %d", m, stamp[0], step)
+        for inputs in stale:  # ... but started again with the new ones
+            self._submit(inputs, ahead=True)
         return len(new)
 
     # --- target computation -----------------------------------------------------------
