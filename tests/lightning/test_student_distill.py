@@ -213,3 +213,47 @@ def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synth
     ref = nib.load(str(src / "BraTS2021_00001_t1.nii.gz"))
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_cached_mode_gives_the_online_loss_and_refuses_a_stale_cache(synthetic_cohort, tmp_path):
+    """Unaugmented patches covering the whole (tiny) case: cached targets = online ones up to float16 storage."""
+    from trifuse.lightning.target_cache import StaleTargetCache
+
+    data, cache = synthetic_cohort
+    ckpt_dir = tmp_path / "teachers" / "mri"
+    ckpt_dir.mkdir(parents=True)
+    _save_teacher(ckpt_dir / "best.ckpt", seed=0)
+    dm = BratsDataModule(str(data), str(cache), patch_size=(64, 64, 48), batch_size=2, num_workers=0, samples_per_epoch=2, n_folds=3, augment=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert all(m["patch_box"] is not None for m in batch[keys.META])
+    online = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False)
+    cached = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False, mode="cached", cache_dir=str(tmp_path / "cache"), cache_roi=(64, 64, 48))
+    for cb in (online, cached):
+        cb._load_all(torch.device("cpu"))
+    assert cached.prepare_cache(dm, torch.device("cpu")) == len(dm.train_ids)
+    assert cached.prepare_cache(dm, torch.device("cpu")) == 0  # resumable: nothing redone
+    t_on, t_ca = online.targets(batch), cached.targets(batch)
+    assert cached.stats["cached"] == 1
+    scale = t_on["mri"]["logits"].abs().max()
+    torch.testing.assert_close(t_ca["mri"]["logits"], t_on["mri"]["logits"], atol=2e-3 * float(scale), rtol=0)
+    torch.testing.assert_close(t_ca["mri"]["bottleneck"], t_on["mri"]["bottleneck"], atol=2e-3 * float(t_on["mri"]["bottleneck"].abs().max()), rtol=0)
+    # the student's loss with either: equal within 1e-3 (relative; float16 storage of the targets)
+    model = StudentModule(init_filters=8, teacher_modalities=("mri",), teacher_channels=128, fusion_width=16, fusion_heads=2, fusion_window=2,
+                          use_semantic=False, warmup_steps=0, roi_size=(64, 64, 48), compute_hd95=False)
+    losses = []
+    for cb in (online, cached):
+        torch.manual_seed(0)
+        model.distiller = cb
+        losses.append(float(model.training_step(batch, 0)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    # a flipped patch is flipped in the cache too
+    flipped = {k: (v.flip(2) if torch.is_tensor(v) and v.ndim == 5 else v) for k, v in batch.items()}
+    flipped[keys.META] = [{**m, "applied": [{"name": "RandomAugment", "flip_axes": [0]}]} for m in batch[keys.META]]
+    torch.testing.assert_close(cached.targets(flipped)["mri"]["logits"], t_ca["mri"]["logits"].flip(2))
+    # a newer teacher checkpoint: the cache is refused
+    _save_teacher(ckpt_dir / "best.ckpt", seed=1)
+    stale = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False, mode="cached", cache_dir=str(tmp_path / "cache"), cache_roi=(64, 64, 48))
+    stale._load_all(torch.device("cpu"))
+    with pytest.raises(StaleTargetCache, match="another teacher checkpoint"):
+        stale.prepare_cache(dm, torch.device("cpu"))

@@ -190,6 +190,15 @@ class AsyncTeacherDistillation(L.Callback):
             ``"auto"``: the trainer's precision); teachers run in fp32 on CPU.
         wait_for_teachers_s: at fit start, wait this long for missing teacher checkpoints
             (teachers still training); then fail with a clear error.
+        mode: ``"online"`` (teachers run on every patch; checkpoint hot-swap) or ``"cached"``
+            (each teacher's targets are computed once per training case by sliding window and
+            stored next to the data cache, :mod:`trifuse.lightning.target_cache`; patches read
+            them, cropped and flipped like the label; no hot-swap, and a cache made by another
+            teacher checkpoint is refused). Patches rotated or scaled by augmentation get online
+            targets in either mode.
+        cache_dir: data cache holding ``teacher_targets/`` (default: the data module's cache).
+        cache_roi: sliding-window ROI of the cached targets (default: the data module's patch size).
+        cache_overlap: sliding-window overlap of the cached targets.
 
     Attributes:
         stats: ``steps`` (batches whose targets were used), ``started_ahead`` (of those,
@@ -207,6 +216,10 @@ class AsyncTeacherDistillation(L.Callback):
         poll_every_n_steps: int = 20,
         precision: str = "auto",
         wait_for_teachers_s: float = 0.0,
+        mode: str = "online",
+        cache_dir: Optional[str] = None,
+        cache_roi: Optional[Sequence[int]] = None,
+        cache_overlap: float = 0.5,
     ):
         if not teachers:
             raise ValueError("AsyncTeacherDistillation needs at least one teacher checkpoint")
@@ -218,6 +231,11 @@ class AsyncTeacherDistillation(L.Callback):
         self.poll_every_n_steps = max(1, int(poll_every_n_steps))
         self.precision = precision
         self.wait_for_teachers_s = wait_for_teachers_s
+        if mode not in ("online", "cached"):
+            raise ValueError(f"mode must be online or cached, got {mode!r}")
+        self.mode = mode
+        self.cache_dir, self.cache_roi, self.cache_overlap = cache_dir, cache_roi, cache_overlap
+        self.caches: dict = {}  # modality → TeacherTargetCache (cached mode)
         self.teachers: dict[str, L.LightningModule] = {}
         self.loaded: dict[str, tuple[str, int, int]] = {}  # modality → (file, size, mtime_ns)
         self.swaps = 0
@@ -230,7 +248,7 @@ class AsyncTeacherDistillation(L.Callback):
         self._trainer = None
         self._completed = 0
         self._t_start: Optional[float] = None
-        self.stats = {"steps": 0, "started_ahead": 0, "wait_s": 0.0, "step_s": 0.0}
+        self.stats = {"steps": 0, "started_ahead": 0, "wait_s": 0.0, "step_s": 0.0, "cached": 0}
         self.enabled = True
 
     @classmethod
@@ -416,8 +434,62 @@ class AsyncTeacherDistillation(L.Callback):
             with contextlib.suppress(Exception):
                 e.future.result()
 
+    def _cached_targets(self, batch: dict) -> Optional[dict]:
+        """Targets of a batch read from the per-case cache, or None when a patch cannot be replayed."""
+        from trifuse.lightning.target_cache import TeacherTargetCache
+
+        metas = batch.get(keys.META) or []
+        if not metas or not all(TeacherTargetCache.replayable(m) for m in metas):
+            return None
+        ref = batch[keys.MRI]
+        size = tuple(ref.shape[2:])
+        bsize = tuple(-(-s // 8) for s in size)
+        out = {}
+        for m, cache in self.caches.items():
+            pairs = [cache.crop(cid, meta, size, bsize) for cid, meta in zip(batch[keys.CASE_ID], metas)]
+            out[m] = {
+                "logits": torch.stack([p[0] for p in pairs]).to(ref.device, non_blocking=True),
+                "bottleneck": torch.stack([p[1] for p in pairs]).to(ref.device, non_blocking=True),
+            }
+        return out
+
+    def prepare_cache(self, datamodule, device: torch.device, trainer=None) -> int:
+        """Cached mode: build (rank 0; resumable) or check the per-case targets of the training cases.
+
+        Returns how many case files were written. Raises
+        :class:`~trifuse.lightning.target_cache.StaleTargetCache` for a cache of another checkpoint.
+        """
+        from trifuse.lightning.data import CaseDataset
+        from trifuse.lightning.target_cache import TeacherTargetCache
+
+        root = Path(self.cache_dir) if self.cache_dir else Path(datamodule.resolved_cache_dir)
+        roi = tuple(self.cache_roi or datamodule.patch_size)
+        self.caches = {m: TeacherTargetCache(root / "teacher_targets" / m, self.loaded[m][0], roi, self.cache_overlap) for m in self.teachers}
+        rank0 = trainer is None or trainer.global_rank == 0
+        written = 0
+        if rank0:
+            ds = CaseDataset(datamodule.resolved_cache_dir, datamodule.train_ids, datamodule._worker_transforms())
+            dtype = resolve_teacher_dtype(self.precision, str(getattr(trainer, "precision", "32-true")), device)
+            for m, cache in self.caches.items():
+                n = cache.build(self.teachers[m].to(device), (ds[i] for i in range(len(ds))), device, dtype)
+                log.info("teacher %s: cached targets of %d new case(s) in %s", m, n, cache.root)
+                written += n
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier("teacher_targets")
+        for cache in self.caches.values():
+            cache.check_stamp()
+        return written
+
     def targets(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
         """The targets of ``batch`` (joins the background computation started for it, if any)."""
+        if self.mode == "cached":
+            t0 = time.perf_counter()
+            out = self._cached_targets(batch)
+            if out is not None:
+                self.stats["wait_s"] += time.perf_counter() - t0
+                self.stats["steps"] += 1
+                self.stats["cached"] += 1
+                return out
         inputs = self._inputs_of(batch)
         t0 = time.perf_counter()
         entry = self._take(inputs)
@@ -431,6 +503,12 @@ class AsyncTeacherDistillation(L.Callback):
         self.stats["steps"] += 1
         self.stats["started_ahead"] += int(entry.ahead_of_step < self._completed)
         return out
+
+    def _cached_ok(self, batch: dict) -> bool:
+        from trifuse.lightning.target_cache import TeacherTargetCache
+
+        metas = batch.get(keys.META) or []
+        return bool(metas) and all(TeacherTargetCache.replayable(m) for m in metas)
 
     @property
     def lookahead_share(self) -> float:
@@ -448,6 +526,8 @@ class AsyncTeacherDistillation(L.Callback):
         trainer = self._trainer
         if not (self.enabled and self.asynchronous and self.lookahead) or trainer is None or not isinstance(batch, dict):
             return batch
+        if self.mode == "cached" and self._cached_ok(batch):
+            return batch  # read from the cache when its step comes
         dm = trainer.datamodule
         if dm is not None and getattr(dm, "transforms_on_device", False):
             return batch  # device-side transforms would draw new randomness when Lightning moves it
@@ -468,6 +548,11 @@ class AsyncTeacherDistillation(L.Callback):
             return
         if not self.teachers:
             self._load_all(pl_module.device, wanted)
+        if self.mode == "cached":
+            if self.watch:
+                log.info("distillation mode cached: teacher checkpoint hot-swap is off")
+            self.watch = False
+            self.prepare_cache(trainer.datamodule, pl_module.device, trainer)
         pl_module.distiller = self
         if hasattr(pl_module, "check_teachers"):
             pl_module.check_teachers(self.teachers)
@@ -505,7 +590,7 @@ class AsyncTeacherDistillation(L.Callback):
             inputs = self._inputs_of(batch)
             with self._lock:
                 have = any(_same_inputs(e.inputs, inputs) for e in self._pending)
-            if not have:  # no look-ahead for this batch: start now, overlapping the student's forward
+            if not have and not (self.mode == "cached" and self._cached_ok(batch)):  # no look-ahead for this batch: start now, overlapping the student's forward
                 self._submit(batch, ahead=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
