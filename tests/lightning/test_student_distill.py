@@ -257,3 +257,19 @@ def test_cached_mode_gives_the_online_loss_and_refuses_a_stale_cache(synthetic_c
     stale._load_all(torch.device("cpu"))
     with pytest.raises(StaleTargetCache, match="another teacher checkpoint"):
         stale.prepare_cache(dm, torch.device("cpu"))
+
+
+def test_teacher_precision_follows_the_trainer_and_the_hardware():
+    from trifuse.lightning.distill import resolve_teacher_dtype as r
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert r("auto", "bf16-mixed", cpu, bf16_supported=True) is None  # CPU: fp32 always
+    assert r("auto", "16-mixed", gpu, bf16_supported=True) == torch.float16
+    assert r("auto", "bf16-mixed", gpu, bf16_supported=True) == torch.bfloat16
+    assert r("auto", "bf16-mixed", gpu, bf16_supported=False) == torch.float16  # V100/T4
+    assert r("auto", "32-true", gpu, bf16_supported=True) is None
+    assert r("reduced", "32-true", gpu, bf16_supported=True) == torch.bfloat16
+    assert r("reduced", "32-true", gpu, bf16_supported=False) == torch.float16
+    assert r("bf16", None, gpu, bf16_supported=False) == torch.float16
+    with pytest.raises(ValueError, match="precision must be"):
+        AsyncTeacherDistillation({"mri": "x"}, precision="half")

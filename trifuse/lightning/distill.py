@@ -86,7 +86,9 @@ def load_teacher(path: Path, device: torch.device) -> L.LightningModule:
     return teacher.to(device)
 
 
-def resolve_teacher_dtype(precision: str, trainer_precision: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+def resolve_teacher_dtype(
+    precision: str, trainer_precision: Optional[str], device: torch.device, bf16_supported: Optional[bool] = None
+) -> Optional[torch.dtype]:
     """Autocast dtype of the frozen teachers (None: fp32).
 
     Args:
@@ -96,6 +98,7 @@ def resolve_teacher_dtype(precision: str, trainer_precision: Optional[str], devi
             ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         trainer_precision: ``str(trainer.precision)``.
         device: teachers' device; on CPU they always run in fp32.
+        bf16_supported: whether the GPU has bfloat16 (default: ``torch.cuda.is_bf16_supported()``).
 
     bf16 on a GPU without it (V100, T4) falls back to fp16 with a warning.
     """
@@ -103,13 +106,15 @@ def resolve_teacher_dtype(precision: str, trainer_precision: Optional[str], devi
         raise ValueError(f"precision must be auto, reduced, bf16, fp16 or fp32, got {precision!r}")
     if device.type != "cuda":
         return None
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
     want = precision
     if precision == "auto":
         tp = str(trainer_precision or "32-true")
         want = "bf16" if "bf16" in tp else ("fp16" if tp.startswith("16") else "fp32")
     if want == "reduced":
-        want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if want == "bf16" and not torch.cuda.is_bf16_supported():
+        want = "bf16" if bf16_supported else "fp16"
+    if want == "bf16" and not bf16_supported:
         log.warning("teachers: this GPU has no bfloat16; running them in float16")
         want = "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[want]
