@@ -5,7 +5,12 @@ other processes hits both sides alike):
 
 * US + CT synthesis of one full case (BraTS grid 240×240×155 at 1 mm, cropped to
   the brain box as cached) — target <= 1.5 s on 2 threads;
-* US + CT synthesis of a 128³ patch — target <= 0.25 s;
+* US + CT synthesis of a 128³ patch in the frame of its whole case (what training does:
+  probe placed on the whole case, once per case, rays cast there, the patch cropped out)
+  — target <= 0.25 s — beside the old per-patch simulation (the patch as its own frame);
+* patch-vs-case agreement: the correlation of a patch's US with the crop of the whole-case
+  US (same probe and seed), for a patch holding the brain surface and one deep in the
+  brain, with the case frame and without it (target >= 0.98 with it);
 * one MONAI SegResNet(spatial_dims=3, in_channels=4, out_channels=3) training step
   (forward, backward, AdamW step) on the same 128³ patch, init_filters 8 (MONAI
   default) and 16, and the ratio synthesis / step — target <= 0.1.
@@ -14,7 +19,7 @@ other processes hits both sides alike):
 
 Usage::
 
-    python bench/bench_physics.py [--threads 2] [--repeats 5] [--phantom] [--device cuda]
+    python bench/bench_physics.py [--threads 2] [--repeats 5] [--phantom] [--device cuda] [--resolution-mm 2|0|psf]
 """
 from __future__ import annotations
 
@@ -57,25 +62,49 @@ def full_case(seed: int, phantom: bool) -> dict:
     return s
 
 
-def patch(sample: dict, size: int = 128) -> dict:
-    """A size³ patch centred on the FLAIR-abnormal centroid (the usual foreground crop)."""
-    mri = sample[keys.MRI]
-    fl = (mri[keys.FLAIR] > 2.0) & sample[keys.BRAIN][0]
-    idx = fl.nonzero().float().mean(0) if fl.any() else torch.tensor(mri.shape[1:]) / 2
-    sl = []
-    for c, n in zip(idx.tolist(), mri.shape[1:]):
+def patch_box(shape, centre, size: int = 128) -> list[list[int]]:
+    """A size³ box around ``centre`` (voxels), shifted to lie inside ``shape`` where it fits."""
+    box = []
+    for c, n in zip(centre, shape):
         lo = int(min(max(0, round(c) - size // 2), max(0, n - size)))
-        sl.append(slice(lo, lo + size))
-    pad = [max(0, size - (s.stop - s.start if s.stop <= n else n - s.start)) for s, n in zip(sl, mri.shape[1:])]
-    out = {keys.MRI: mri[(slice(None), *sl)], keys.BRAIN: sample[keys.BRAIN][(slice(None), *sl)],
-           keys.CASE_ID: sample[keys.CASE_ID] + "_patch", keys.META: dict(sample[keys.META], applied=[])}
-    if any(pad):
+        box.append([lo, min(n, lo + size)])
+    return box
+
+
+def patch(sample: dict, box, size: int = 128, frame: bool = True) -> dict:
+    """The patch ``box`` of a case as the loader makes it (padded to size³, same case id); with
+    ``frame`` it carries the whole-case frame (``meta["case_frame"]``, in memory here)."""
+    from trifuse.physics.transforms import CASE_FRAME
+
+    sl = tuple(slice(a, b) for a, b in box)
+    meta = dict(sample[keys.META], applied=[], patch_box=box)
+    if frame:
+        meta[CASE_FRAME] = {"mri": sample[keys.MRI], "brain": sample[keys.BRAIN]}
+    out = {keys.MRI: sample[keys.MRI][(slice(None), *sl)], keys.BRAIN: sample[keys.BRAIN][(slice(None), *sl)],
+           keys.CASE_ID: sample[keys.CASE_ID], keys.META: meta}
+    pad = [size - (b - a) for a, b in box]
+    if any(pad):  # as the loader: extra // 2 in front
         p = []
         for v in reversed(pad):
-            p += [0, v]
+            p += [v // 2, v - v // 2]
         out[keys.MRI] = torch.nn.functional.pad(out[keys.MRI], p)
         out[keys.BRAIN] = torch.nn.functional.pad(out[keys.BRAIN], p)
     return out
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def crop_padded(vol: torch.Tensor, box, size: int) -> torch.Tensor:
+    """The part of a padded patch tensor that holds the box (undo the loader's padding)."""
+    sl = [slice(None)]
+    for a, b in box:
+        front = (size - (b - a)) // 2
+        sl.append(slice(front, front + b - a))
+    return vol[tuple(sl)]
 
 
 def to(sample: dict, device: str) -> dict:
@@ -102,8 +131,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--phantom", action="store_true", help="use the analytic phantom instead of the synthetic cohort")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--resolution-mm", type=float, default=ProbeConfig().resolution_mm,
-                    help="US working resolution (0 = native voxels)")
+    ap.add_argument("--resolution-mm", type=lambda v: v if v == "psf" else float(v), default=ProbeConfig().resolution_mm,
+                    help="US working resolution in mm (0 = native voxels, 'psf' = chosen from the PSF)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -117,7 +146,34 @@ def main(argv=None):
     res = args.resolution_mm or None
     us = SimulateUltrasound(ProbeConfig(resolution_mm=res), seed=0)
     ct = SynthesizeCT(model)
-    pt = patch(full)
+    # the usual foreground patch (centred on the FLAIR-abnormal centroid), framed and as its own frame
+    mri = full[keys.MRI]
+    fl = (mri[keys.FLAIR] > 2.0) & full[keys.BRAIN][0]
+    centre = fl.nonzero().float().mean(0).tolist() if fl.any() else [n / 2 for n in mri.shape[1:]]
+    box = patch_box(mri.shape[1:], centre)
+    pt = patch(full, box)
+    pt_own = patch(full, box, frame=False)
+
+    # patch-vs-case agreement: a patch at the probe face (brain surface) and one deep in the brain
+    with torch.no_grad():
+        whole = us(full)
+    rec = whole[keys.META]["applied"][-1]
+    sp = full[keys.META]["spacing"]
+    face = [c / s for c, s in zip(rec["centre_mm"], sp)]
+    deep = [(c + 55.0 * a) / s for c, a, s in zip(rec["centre_mm"], rec["direction"], sp)]
+    print(f"probe face {[round(v) for v in face]}, target {[round(t / s) for t, s in zip(rec['target_mm'], sp)]} (voxels)")
+    for name, c in (("with the brain surface", face), ("deep, no brain surface", deep)):
+        b = patch_box(mri.shape[1:], c, 48)
+        has_surface = not bool(full[keys.BRAIN][(slice(None), *[slice(x, y) for x, y in b])].all())
+        ref = whole[keys.US][(slice(None), *[slice(x, y) for x, y in b])]
+        line = []
+        for fr in (True, False):
+            with torch.no_grad():
+                got = crop_padded(us(patch(full, b, 48, frame=fr))[keys.US], b, 48)
+            line.append(f"{'case frame' if fr else 'own frame (old)'} r = {corr(got, ref):.4f}")
+        print(f"48^3 patch {name} (surface in patch: {has_surface}): " + ", ".join(line) + "   (target >= 0.98 with the case frame)")
+    with torch.no_grad():
+        us(pt)  # the whole-case probe is placed once per case (cached, as in a loader worker)
 
     def synth(s):
         with torch.no_grad():
@@ -140,13 +196,14 @@ def main(argv=None):
         loss.backward()
         opt.step()
 
-    full_d, pt_d = to(full, dev), to(pt, dev)
+    full_d, pt_d, own_d = to(full, dev), to(pt, dev), to(pt_own, dev)
     # warm-up (allocator, lazy init), then interleaved repeats
-    synth(full_d), synth(pt_d), step(8), step(16)
-    times = {"full": [], "patch": [], 8: [], 16: []}
+    synth(full_d), synth(pt_d), synth(own_d), step(8), step(16)
+    times = {"full": [], "patch": [], "own": [], 8: [], 16: []}
     for _ in range(args.repeats):
         times["full"].append(timed(lambda: synth(full_d), dev))
         times["patch"].append(timed(lambda: synth(pt_d), dev))
+        times["own"].append(timed(lambda: synth(own_d), dev))
         for f in (8, 16):
             times[f].append(timed(lambda: step(f), dev))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -154,7 +211,8 @@ def main(argv=None):
     print(f"device {dev}, torch threads {torch.get_num_threads()}, US working resolution {res or 'native'} mm, "
           f"{args.repeats} repeats (median / best)")
     print(f"US+CT full case {tuple(full[keys.MRI].shape[1:])}: {med['full']:.3f} / {best['full']:.3f} s   (target <= 1.5 s)")
-    print(f"US+CT 128^3 patch:        {med['patch']:.3f} / {best['patch']:.3f} s   (target <= 0.25 s)")
+    print(f"US+CT 128^3 patch, case frame: {med['patch']:.3f} / {best['patch']:.3f} s   (target <= 0.25 s)")
+    print(f"US+CT 128^3 patch, own frame (old per-patch): {med['own']:.3f} / {best['own']:.3f} s")
     for f in (8, 16):
         print(f"SegResNet(init_filters={f:2d}) step on 128^3: {med[f]:.3f} / {best[f]:.3f} s   "
               f"ratio synthesis/step = {med['patch'] / med[f]:.3f}   (target <= 0.1)")

@@ -56,14 +56,22 @@ def run_fit_ct(args) -> int:
     ids = sorted(c["case_id"] for c in manifest["cases"])
     # everything the fit depends on: a change of any of them refits
     key = {"case_ids": ids, "n_components": args.components, "seed": args.seed, "max_voxels": args.max_voxels, "paired": False}
-    if _up_to_date(out, key, args.force):
+    return _fit_ct_and_save(out, key, args.force, lambda: fit_ct_from_samples(
+        samples, n_components=args.components, max_voxels=args.max_voxels, seed=args.seed),
+        {"case_ids": ids, "n_components": args.components, "data_dir": str(Path(args.data).resolve())})
+
+
+def _fit_ct_and_save(out: Path, key: dict, force: bool, fit, meta: dict) -> int:
+    """Skip if ``out`` was fitted with ``key``; else fit, record the key, save and print the components."""
+    if _up_to_date(out, key, force):
         print(f"CT mixture up to date: {out} (use --force to refit)")
         return 0
-    model = fit_ct_from_samples(samples, n_components=args.components, max_voxels=args.max_voxels, seed=args.seed)
-    model.meta.update({"case_ids": ids, "n_components": args.components, "fit_key": key,
-                       "data_dir": str(Path(args.data).resolve())})
+    model = fit()
+    model.meta.update(meta, fit_key=key)
     model.save(out)
-    print(model.summary())
+    print(model.summary())  # weights and tissue names, one line per component
+    print(f"EM log-likelihood {model.meta['log_likelihood']:.4f} after {model.meta['n_iter']} iterations; "
+          f"{len(model.meta.get('events', []))} re-seeded/pruned component event(s)")
     print(f"wrote {out}")
     return 0
 
@@ -78,17 +86,9 @@ def _run_fit_ct_paired(args) -> int:
     out = Path(args.out) if args.out else Path(args.paired) / CT_MODEL_NAME
     key = {"files": fingerprint(cases), "n_components": args.components, "seed": args.seed, "max_voxels": args.max_voxels,
            "paired": True}
-    if _up_to_date(out, key, args.force):
-        print(f"CT mixture up to date: {out} (use --force to refit)")
-        return 0
     print(f"fit-ct --paired: {len(cases)} MR/CT pair(s) from {args.paired}")
-    model = fit_ct_paired(cases, n_components=args.components, seed=args.seed, max_voxels=args.max_voxels)
-    model.meta["fit_key"] = key
-    model.save(out)
-    print(model.summary())
-    print(f"fit-ct --paired: EM log-likelihood {model.meta['log_likelihood']:.4f} after {model.meta['n_iter']} iterations")
-    print(f"wrote {out}")
-    return 0
+    return _fit_ct_and_save(out, key, args.force, lambda: fit_ct_paired(
+        cases, n_components=args.components, seed=args.seed, max_voxels=args.max_voxels), {})
 
 
 def run_fit_us(args) -> int:

@@ -143,3 +143,14 @@ def test_fit_us_paired_cli_refuses_a_misregistered_sweep(tmp_path, capsys):
     assert main(["physics", "fit-us", "--paired", str(root), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "c0_us.nii.gz" in err and "misregistered" in err
+
+
+def test_fit_ct_up_to_date_check_is_keyed_on_seed_and_max_voxels(tiny_dataset, tmp_path, capsys):
+    data = tiny_dataset(2021, n=2)
+    base = ["physics", "fit-ct", "--data", str(data), "--cache", str(tmp_path / "cache"), "--components", "2",
+            "--max-voxels", "3000"]
+    assert main(base) == 0 and "wrote" in capsys.readouterr().out
+    assert main(base) == 0 and "up to date" in capsys.readouterr().out
+    for extra in (["--seed", "1"], ["--max-voxels", "2000"]):  # each changes the fit: refitted, not "up to date"
+        assert main(base + extra) == 0
+        assert "wrote" in capsys.readouterr().out
