@@ -5,8 +5,10 @@ from lightning_app.stages import progress
 
 
 def run(args) -> int:
+    from trifuse.io.nifti import sweep_dead_temps
     from trifuse.synth import synthesize_cohort
 
+    sweep_dead_temps(args.out)  # case folders a killed run left half-written (hidden, never read)
     out = synthesize_cohort(args.out, args.n, seed=args.seed, layout=args.layout, size=args.size, progress=progress("synth"))
     print(f"synthetic cohort: {len(out)} case(s) in {args.out} (BraTS {args.layout} layout, size {args.size})")
     return 0

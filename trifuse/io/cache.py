@@ -16,6 +16,7 @@ half-written case never looks valid; a case whose source files are unchanged is 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,12 +24,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trifuse import keys
 from trifuse.io.discovery import CaseRecord
 from trifuse.io.labels import convention, labels_to_regions
-from trifuse.io.nifti import disk_full_names
+from trifuse.io.nifti import disk_full_names, temp_prefix
 from trifuse.io.validate import DecodedCase
 
 CACHE_VERSION = 3  # 3: 12 mm margin (2 had 8 mm, thinner than the modelled scalp and skull)
@@ -120,7 +120,7 @@ def write_case(cache_dir: str | Path, case: DecodedCase, margin_mm: float = DEFA
         "allowed_checks": sorted(set(case.allowed)),  # a rerun without --allow for these re-validates
     }
     with disk_full_names(cache_dir, f"cached case {rec.case_id}"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.", dir=cache_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(rec.case_id), dir=cache_dir))
         try:
             for name, arr in (
                 ("mri", mri),
@@ -129,10 +129,13 @@ def write_case(cache_dir: str | Path, case: DecodedCase, margin_mm: float = DEFA
                 ("brain", brain_c.astype(np.uint8)),
                 ("fg", fg.astype(np.int16)),
             ):
+                buf = io.BytesIO()  # through Python's write: a full disk raises ENOSPC (numpy's tofile does not say)
+                np.save(buf, arr)
                 with open(tmp / f"{name}.npy", "wb") as fh:
-                    np.save(fh, arr)
+                    fh.write(buf.getbuffer())
                     fh.flush()
                     os.fsync(fh.fileno())  # data on disk before the rename publishes the case
+                del buf
             # meta.json last: is_cached() trusts a folder only through it
             with open(tmp / "meta.json", "w") as fh:
                 fh.write(json.dumps(meta, indent=1))
@@ -140,7 +143,7 @@ def write_case(cache_dir: str | Path, case: DecodedCase, margin_mm: float = DEFA
                 os.fsync(fh.fileno())
             final = cache_dir / rec.case_id
             if final.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{rec.case_id}.old.", dir=cache_dir))
+                trash = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{rec.case_id}.old"), dir=cache_dir))
                 os.replace(final, trash / "case")
                 os.replace(tmp, final)
                 shutil.rmtree(trash, ignore_errors=True)
@@ -150,26 +153,6 @@ def write_case(cache_dir: str | Path, case: DecodedCase, margin_mm: float = DEFA
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return cache_dir / rec.case_id
-
-
-def sweep_stale(cache_dir: str | Path) -> list[Path]:
-    """Remove what a killed :func:`write_case` left behind (``.<case>.*`` temp folders).
-
-    They are never read (their names start with a dot and carry no ``meta.json`` under a
-    case id), so this only reclaims disk. Only call it when no other writer uses the folder.
-    """
-    removed = []
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return removed
-    for p in cache_dir.iterdir():
-        if p.name.startswith(".") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        elif p.name.startswith(".") and ".tmp" in p.name and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def read_meta(cache_dir: str | Path, case_id: str) -> dict:
@@ -192,6 +175,8 @@ def make_sample(arrays: dict[str, np.ndarray], meta: dict, box=None) -> dict:
         meta: from :func:`read_meta`.
         box: ``[[d0, d1], [h0, h1], [w0, w1]]`` within the cropped volume, or ``None`` for all.
     """
+    import torch  # here, not at module level: preprocessing workers never need it
+
     sl = (slice(None),) * 3 if box is None else tuple(slice(a, b) for a, b in box)
     full = (slice(None),)
 

@@ -12,10 +12,10 @@ TC = NCR ∪ ET, ET = ET.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from trifuse import keys
 
@@ -59,6 +59,16 @@ def convention(year: int) -> LabelConvention:
         raise ValueError(f"no BraTS label convention for year {year!r}; known: {sorted(CONVENTIONS)}") from None
 
 
+def _torch_if_tensor(x):
+    """The torch module if ``x`` is a tensor, else ``None``.
+
+    torch is not imported for numpy inputs, so preprocessing workers stay light (no ~250 MB
+    torch import per process); if torch was never imported, ``x`` cannot be a tensor.
+    """
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
 def labels_to_regions(seg, year: int):
     """Raw label map → nested region masks.
 
@@ -69,7 +79,8 @@ def labels_to_regions(seg, year: int):
     Returns:
         uint8 array/tensor of shape ``(3, D, H, W)`` in order WT, TC, ET.
     """
-    is_torch = isinstance(seg, torch.Tensor)
+    torch = _torch_if_tensor(seg)
+    is_torch = torch is not None
     if seg.ndim == 4:
         if seg.shape[0] != 1:
             raise ValueError(f"expected a single-channel label map, got shape {tuple(seg.shape)}")
@@ -111,7 +122,8 @@ def regions_to_labels(regions, year: int):
         uint8 label map of shape ``(D, H, W)``.
     """
     conv = convention(year)
-    is_torch = isinstance(regions, torch.Tensor)
+    torch = _torch_if_tensor(regions)
+    is_torch = torch is not None
     if regions.shape[0] != len(keys.REGIONS):
         raise ValueError(f"expected {len(keys.REGIONS)} region channels, got shape {tuple(regions.shape)}")
     if is_torch:

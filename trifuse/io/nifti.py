@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +44,13 @@ def disk_full_names(folder: str | os.PathLike, what: str = ""):
     except OutOfSpaceError:
         raise
     except OSError as exc:
-        if exc.errno not in _FULL:
+        # numpy's tofile reports a short write as "N requested and M written", without errno
+        short = exc.errno is None and re.search(r"\d+ requested and \d+ written", str(exc))
+        if exc.errno not in _FULL and not short:
             raise
         detail = f" while writing {what}" if what else ""
         raise OutOfSpaceError(
-            f"{Path(folder)}: no space left on device{detail} ({os.strerror(exc.errno)}); "
+            f"{Path(folder)}: no space left on device{detail} ({os.strerror(exc.errno or errno.ENOSPC)}); "
             "nothing partial was kept: free space there or write elsewhere"
         ) from None
 
@@ -116,9 +122,60 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> NiftiVolume:
     return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path, notes=notes)
 
 
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a writer's temporary sibling of ``name``: hidden, and tagged with the writer.
+
+    ``.<name>.~<pid>@<host hash>~.`` lets :func:`sweep_dead_temps` tell the debris of a killed
+    writer from the temporary of one that is still running (another rank, another stage).
+    """
+    return f".{name}.~{os.getpid()}@{_host_tag()}~."
+
+
+_TEMP_TAG = re.compile(r"^\..*\.~(\d+)@([0-9a-f]{8})~\.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of this host left directly in ``folder``.
+
+    Only names made by :func:`temp_prefix` whose process is gone are removed; a live writer's
+    temporary (another process writing into the same folder) is left alone. Nothing removed
+    here was ever visible under a final name, so this only reclaims disk.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host = _host_tag()
+    for p in folder.iterdir():
+        m = _TEMP_TAG.match(p.name)
+        if not m or m.group(2) != host or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+        log.info("removed %s, left by an interrupted writer", p)
+    return removed
+
+
 def atomic_path(path: Path) -> Path:
     """A temporary sibling of ``path`` (same folder, so ``os.replace`` is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     return Path(tmp)
 

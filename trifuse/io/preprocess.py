@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trifuse.io import cache as cache_mod
 from trifuse.io.discovery import discover_cases
+from trifuse.io.nifti import sweep_dead_temps
 from trifuse.io.manifest import MANIFEST_VERSION, kfold_splits, write_manifest
 from trifuse.io.validate import CONTENT_CHECKS, CaseValidationError, decode_case
 
@@ -115,8 +116,7 @@ def preprocess(
     records = discover_cases(data_dir, year=year)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for p in cache_mod.sweep_stale(cache_dir):
-        log.info("removed %s left by an interrupted run", p)
+    sweep_dead_temps(cache_dir)  # temp folders of a killed run (never a live writer's)
     report = PreprocessReport(cache_dir=cache_dir, year=records[0].year)
     entries = []
     args = (cache_dir, require_seg, allow, margin_mm)

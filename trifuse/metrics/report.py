@@ -24,7 +24,7 @@ import numpy as np
 from trifuse import keys
 from trifuse.io.discovery import discover_cases
 from trifuse.io.labels import convention, labels_to_regions
-from trifuse.io.nifti import DataError, atomic_write_text, read_nifti
+from trifuse.io.nifti import DataError, atomic_write_text, read_nifti, sweep_dead_temps
 from trifuse.metrics.functional import HD95Mode, region_dice_hd95
 
 __all__ = ["evaluate_folder", "format_table", "summarize"]
@@ -304,6 +304,7 @@ def evaluate_folder(
         summary["lesion_wise"] = summarize(lesion_rows)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temps(out_dir)  # what a killed earlier run left (never a live writer's)
     atomic_write_text(out_dir / "per_case.csv", _csv_text(("case_id", "region", "dice", "hd95"), rows))
     if lesion_wise:
         atomic_write_text(

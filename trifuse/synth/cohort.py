@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from trifuse import keys
 from trifuse.io.discovery import case_file_name, case_id_for
 from trifuse.io.labels import convention
-from trifuse.io.nifti import write_nifti
+from trifuse.io.nifti import temp_prefix, write_nifti
 
 SIZES = {
     # name: (shape, spacing mm)
@@ -368,7 +368,7 @@ def write_case_folder(out_dir: str | Path, case_id: str, case: dict, year: int, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / case_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(case_id), dir=out_dir))  # writer-tagged: swept if killed
     try:
         names = list(keys.MODALITIES) + (["seg"] if with_seg else [])
         for name in names:
