@@ -595,7 +595,8 @@ class AsyncTeacherDistillation(L.Callback):
             inputs = self._inputs_of(batch)
             with self._lock:
                 have = any(_same_inputs(e.inputs, inputs) for e in self._pending)
-            if not have and not (self.mode == "cached" and self._cached_ok(batch)):  # no look-ahead for this batch: start now, overlapping the student's forward
+            # (asynchronous only: inline targets are computed when the student asks for them)
+            if self.asynchronous and not have and not (self.mode == "cached" and self._cached_ok(batch)):  # no look-ahead for this batch: start now, overlapping the student's forward
                 self._submit(batch, ahead=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
