@@ -87,13 +87,13 @@ def setup():
     return model, batch
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 5e-3), (torch.float16, 1e-3)])
 def test_student_step_finite_under_autocast_and_close_to_fp32(setup, dtype, rtol):
     model, batch = setup
     ref, ref_grads = _step(model, batch, None)
     loss, grads = _step(model, batch, dtype)
     assert torch.isfinite(loss), f"{dtype}: loss {loss}"
-    # tolerance: relative 5% in bf16 (8-bit mantissa), 1% in fp16 (11-bit mantissa)
+    # tolerance: relative 5e-3 in bf16 (8-bit mantissa), 1e-3 in fp16 (11-bit); measured here 1.1e-5 and 4.6e-6
     assert abs(float(loss) - float(ref)) <= rtol * abs(float(ref)), (float(loss), float(ref))
     parts = [n for n in grads if n.startswith(("fusion.", "student.film.", "student.gates."))]
     assert len(parts) > 30
