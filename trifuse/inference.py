@@ -351,18 +351,20 @@ class Predictor:
             raise ValueError(f"{case_dir}: expected one case, found {len(records)}")
         return self.predict_case(decode_case(records[0]))
 
-    def predict_folder(self, input_dir, output, overwrite: bool = False, report=None) -> dict:
+    def predict_folder(self, input_dir, output, overwrite: bool = False, report=None, shard: tuple[int, int] = (0, 1)) -> dict:
         """Segment every case under ``input_dir`` into ``output`` (``<case_id>.nii.gz``, atomic).
 
         Cases whose output exists are skipped unless ``overwrite``; an invalid or failing case
-        is listed with its problems and the others go on.
+        is listed with its problems and the others go on. ``shard=(k, n)`` takes every n-th case
+        from the k-th (``trifuse predict --workers n`` runs n such processes). Cases stream:
+        one decoded case in memory at a time.
 
         Returns:
             ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {case_id: s}}``.
         """
         from trifuse.io.discovery import discover_cases
-        from trifuse.io.nifti import DataError, write_nifti
-        from trifuse.io.validate import CaseValidationError, decode_case
+        from trifuse.io.nifti import DataError, sweep_dead_temps, write_nifti
+        from trifuse.io.validate import CaseValidationError, check_prediction, decode_case
 
         records = discover_cases(input_dir)
         output = Path(output)
@@ -370,7 +372,10 @@ class Predictor:
         if output.name.endswith(NIFTI_SUFFIXES) and not single:
             raise ValueError(f"{output}: a file name needs a single input case, but {input_dir} holds {len(records)}")
         result: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}}
+        sweep_dead_temps(output_path(output, records[0].case_id, single).parent)  # a killed run's temporaries
         for i, rec in enumerate(records):
+            if i % shard[1] != shard[0]:
+                continue
             dest = output_path(output, rec.case_id, single)
             if dest.exists() and not overwrite:
                 result["skipped"].append(rec.case_id)
@@ -379,7 +384,7 @@ class Predictor:
                 continue
             t0 = time.perf_counter()
             try:
-                case = decode_case(rec)
+                case = decode_case(rec, with_seg=False)  # prediction needs only the four MRI files
             except CaseValidationError as exc:
                 result["failed"][rec.case_id] = exc.problems
                 if report:
@@ -388,6 +393,7 @@ class Predictor:
             try:
                 full = self.predict_case(case)
                 ref = case.reference
+                check_prediction(dest, full, ref, rec.year)  # never write what evaluate could not score
                 write_nifti(dest, full, ref.affine, header=ref.header)
             except (DataError, ValueError, RuntimeError) as exc:
                 result["failed"][rec.case_id] = [f"{type(exc).__name__}: {exc}"]

@@ -32,8 +32,13 @@ def predict_cases(
     postprocess: bool = True,
     report=None,
     describer: str = "as-trained",
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Segment every case under ``input_dir`` with :class:`trifuse.inference.Predictor`.
+
+    ``workers > 1`` runs that many processes (spawned), each loading the model once and taking
+    every ``workers``-th case (``shard``), with the CPU threads shared out between them.
 
     Returns:
         ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {...}}``.
@@ -51,12 +56,43 @@ def predict_cases(
         raise ValueError(f"{output}: a file name needs a single input case, but {input_dir} holds {len(records)}")
     if not overwrite and all(output_path(output, r.case_id, single).exists() for r in records):
         return {"written": [], "skipped": [r.case_id for r in records], "failed": {}, "seconds": {}}
+    if workers > 1 and len(records) > 1:
+        kw = dict(ckpt=ckpt, input_dir=input_dir, output=output, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
+                  overwrite=overwrite, ct_model=ct_model, tta=tta, postprocess=postprocess, describer=describer)
+        return _predict_parallel(kw, min(workers, len(records)))
     predictor = Predictor.from_checkpoint(
         ckpt, device=device, tta=tta, postprocess=postprocess, overlap=overlap, sw_batch_size=sw_batch_size, ct_model=ct_model
     )
     if hasattr(predictor.model, "set_describer"):  # a student with priors: its training describer, or stop now
         predictor.model.set_describer(describer)
-    return predictor.predict_folder(input_dir, output, overwrite=overwrite, report=report)
+    return predictor.predict_folder(input_dir, output, overwrite=overwrite, report=report, shard=shard)
+
+
+def _predict_shard(kw: dict, shard: tuple[int, int], threads: int) -> dict:
+    """One worker of ``--workers``: its share of the cases, with ``threads`` CPU threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return predict_cases(**kw, shard=shard, report=progress(f"predict w{shard[0]}"))
+
+
+def _predict_parallel(kw: dict, n: int) -> dict:
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // n)
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_predict_shard, [kw] * n, [(k, n) for k in range(n)], [threads] * n))
+    merged: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}}
+    for part in parts:
+        for key in ("written", "skipped"):
+            merged[key] += part[key]
+        merged["failed"].update(part["failed"])
+        merged["seconds"].update(part["seconds"])
+    merged["written"].sort()
+    merged["skipped"].sort()
+    return merged
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -74,6 +110,7 @@ def run(args) -> int:
         postprocess=args.postprocess,
         report=progress("predict"),
         describer=args.describer,
+        workers=args.workers,
     )
     n = len(res["written"]) + len(res["skipped"]) + len(res["failed"])
     print(f"predict: {len(res['written'])} written, {len(res['skipped'])} existing skipped, {len(res['failed'])} failed of {n} case(s) → {args.output}")
@@ -106,4 +143,5 @@ def register(sub) -> None:
     s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time mirroring: average the 8 flips (default: on; --no-tta is ~8x faster)")
     s.add_argument("--describer", choices=("as-trained", "offline"), default="as-trained", help="student priors: the describer of the training priors (default; an OpenAI-trained student needs OPENAI_API_KEY), or offline descriptions instead (explicit choice, logged)")
     s.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True, help="apply the post-processing decided on validation and stored in the checkpoint (default: on)")
+    s.add_argument("--workers", type=int, default=1, help="processes predicting cases in parallel, each with its own model copy (default 1)")
     s.set_defaults(func=run)

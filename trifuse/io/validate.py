@@ -126,7 +126,7 @@ def content_problems(images: list[NiftiVolume]) -> list[tuple[str, str]]:
     return out
 
 
-def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[str] = ()) -> DecodedCase:
+def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[str] = (), with_seg: bool = True) -> DecodedCase:
     """Read and validate all files of a case, collecting every problem before failing.
 
     Checks: missing modality (and seg if required; a file under an unexpected name is
@@ -140,6 +140,8 @@ def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[s
         require_seg: a missing label file is an error.
         allow: names from :data:`CONTENT_CHECKS` whose failures become warnings
             (``DecodedCase.warnings``, also logged) instead of errors.
+        with_seg: read and check the label file if there is one; ``False`` for prediction,
+            which needs only the four MRI files (``DecodedCase.seg`` is then ``None``).
 
     Raises:
         CaseValidationError: listing every problem, each naming its file.
@@ -174,7 +176,7 @@ def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[s
         images.append(vol)
 
     seg = None
-    if record.seg is not None:
+    if record.seg is not None and with_seg:
         try:
             seg = read_nifti(record.seg, dtype=None)
         except DataError as exc:
@@ -214,3 +216,25 @@ def decode_case(record: CaseRecord, require_seg: bool = False, allow: Iterable[s
     if problems:
         raise CaseValidationError(record.case_id, problems)
     return DecodedCase(record=record, images=images, seg=seg, warnings=warnings, allowed=allowed)
+
+
+def check_prediction(dest, labels: np.ndarray, reference: NiftiVolume, year: int) -> None:
+    """Refuse to write a prediction that evaluation could not score, naming ``dest``.
+
+    Args:
+        dest: the output file the labels are meant for (named in the message).
+        labels: label map ``(X, Y, Z)`` to be written.
+        reference: the case's reference image (its grid is the required grid).
+        year: BraTS release whose label convention the output must use.
+
+    Raises:
+        DataError: not uint8, not on the input grid, or label values outside the convention.
+    """
+    if labels.dtype != np.uint8:
+        raise DataError(f"{dest}: prediction has dtype {labels.dtype}, expected uint8 labels")
+    if labels.shape != reference.data.shape:
+        raise DataError(f"{dest}: prediction shape {labels.shape} is not the input grid {reference.data.shape} of {reference.path}")
+    legal = set(convention(year).values)
+    bad = sorted(set(np.unique(labels).tolist()) - legal)
+    if bad:
+        raise DataError(f"{dest}: prediction has label values {bad} outside the BraTS {year} convention {sorted(legal)}")
