@@ -40,7 +40,7 @@ def openai_student(tmp_path_factory, synthetic_cohort):
         descs = load_descriptions(root / "desc")
         res = train_clip(cache, descs, ids, ClipConfig(image_size=32, width=8, epochs=2, batch_size=32, seed=0))
         clip = save_clip(root / "clip" / "clip.pt", res.model)
-        config = PriorConfig(factor=4, slice_step=2)  # not the default: predict must use it
+        config = PriorConfig(factor=4, slice_step=3)  # not the default: predict must use it
         compute_priors(cache, descs, clip, root / "priors", ids, config,
                        describer_identity=read_describe_manifest(root / "desc")["describer"])
         torch.manual_seed(0)
@@ -77,7 +77,7 @@ def test_checkpoint_embeds_clip_prior_config_and_describer(openai_student):
     sem = ck["trifuse"]["semantic"]
     assert sem["describer"]["backend"] == "openai" and sem["describer"]["model"] == "gpt-4o"
     assert sem["describer"]["prompt_hash"] and sem["clip"]["embedded"] is True
-    assert sem["prior_config"]["slice_step"] == 2 and sem["prior_config"]["factor"] == 4
+    assert sem["prior_config"]["slice_step"] == 3 and sem["prior_config"]["factor"] == 4
     from trifuse.semantic.clip import file_sha256
 
     assert sem["clip_sha256"] == file_sha256(openai_student["clip"])
