@@ -23,6 +23,14 @@ def _save_teacher(path, seed=0):
     return t
 
 
+def _teacher_dir(tmp_path, name="best.ckpt", seed=0):
+    """``tmp_path/teachers/mri`` holding one saved (random) MRI teacher."""
+    d = tmp_path / "teachers" / "mri"
+    d.mkdir(parents=True, exist_ok=True)
+    _save_teacher(d / name, seed=seed)
+    return d
+
+
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
@@ -59,9 +67,7 @@ def _fit(tmp_path, synthetic_cohort, cb, steps=8, dm_cls=BratsDataModule, **trai
 
 
 def test_lookahead_really_overlaps_inside_trainer_fit(synthetic_cohort, tmp_path):
-    ckpt_dir = tmp_path / "teachers" / "mri"
-    ckpt_dir.mkdir(parents=True)
-    _save_teacher(ckpt_dir / "best.ckpt")
+    ckpt_dir = _teacher_dir(tmp_path)
     cb = RecordingDistillation({"mri": str(ckpt_dir)}, asynchronous=True, lookahead=True, watch=False)
     trainer, _ = _fit(tmp_path, synthetic_cohort, cb, steps=8)
     assert trainer.global_step == 8 and cb.stats["steps"] == 8 and len(cb.record) == 8
@@ -78,19 +84,15 @@ def test_lookahead_really_overlaps_inside_trainer_fit(synthetic_cohort, tmp_path
 
 
 def test_without_lookahead_targets_start_with_the_batch(synthetic_cohort, tmp_path):
-    ckpt_dir = tmp_path / "teachers" / "mri"
-    ckpt_dir.mkdir(parents=True)
-    _save_teacher(ckpt_dir / "best.ckpt")
+    ckpt_dir = _teacher_dir(tmp_path)
     cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=True, lookahead=False, watch=False)
     trainer, _ = _fit(tmp_path, synthetic_cohort, cb, steps=3)
     assert trainer.global_step == 3 and cb.stats["steps"] == 3 and cb.stats["started_ahead"] == 0
 
 
 def test_hot_swap_never_reads_a_partial_or_vanished_checkpoint(tmp_path):
-    ckpt_dir = tmp_path / "teachers" / "mri"
-    ckpt_dir.mkdir(parents=True)
+    ckpt_dir = _teacher_dir(tmp_path, "last.ckpt")
     ckpt = ckpt_dir / "last.ckpt"
-    _save_teacher(ckpt, seed=0)
     assert resolve_checkpoint(ckpt_dir) == ckpt
     cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)}, asynchronous=False)
     cb._load_all(torch.device("cpu"))
@@ -165,9 +167,7 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
 
 def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synthetic_cohort, tmp_path):
     data, cache = synthetic_cohort
-    ckpt_dir = tmp_path / "teachers" / "mri"
-    ckpt_dir.mkdir(parents=True)
-    _save_teacher(ckpt_dir / "best.ckpt")
+    ckpt_dir = _teacher_dir(tmp_path)
     dm = BratsDataModule(str(data), str(cache), patch_size=(16, 16, 16), batch_size=2, num_workers=0, samples_per_epoch=4, n_folds=3, limit_val_cases=1)
     model = StudentModule(init_filters=8, teacher_modalities=("mri",), teacher_channels=128, use_semantic=False, warmup_steps=0, roi_size=(16, 16, 16), compute_hd95=False)
     cb = AsyncTeacherDistillation({"mri": str(ckpt_dir)})
@@ -220,9 +220,7 @@ def test_cached_mode_gives_the_online_loss_and_refuses_a_stale_cache(synthetic_c
     from trifuse.lightning.target_cache import StaleTargetCache
 
     data, cache = synthetic_cohort
-    ckpt_dir = tmp_path / "teachers" / "mri"
-    ckpt_dir.mkdir(parents=True)
-    _save_teacher(ckpt_dir / "best.ckpt", seed=0)
+    ckpt_dir = _teacher_dir(tmp_path)
     dm = BratsDataModule(str(data), str(cache), patch_size=(64, 64, 48), batch_size=2, num_workers=0, samples_per_epoch=2, n_folds=3, augment=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
