@@ -1,0 +1,97 @@
+"""Kill-and-rerun: every stage, SIGKILLed as a subprocess while it writes, reruns to the
+outputs of an uninterrupted run (byte-identical where the stage is deterministic), skips the
+work it had finished, and never leaves a half-written file under a final name.
+
+Fast set (`make test`): synth, preprocess, physics fit-ct, describe, predict and evaluate on
+two 20×24×16 cases, killed at the first write seen in the output folder (a temporary, or the first output file).
+Slow set: every stage (also clip, semantic and fit) on a three-case synthetic pipeline, killed
+at the first temporary and after the first and second per-case output.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_app.cli import main
+from tests.reliability.harness import (assert_all_readable, differing, finals, first_temp, first_write, leftovers,
+                                       n_outputs, run_and_kill, stamps)
+from tests.reliability.stages import STAGES
+
+#: stages whose own writers tag temporaries and sweep a killed run's debris on rerun
+SWEEPING = {"synth", "preprocess", "predict", "evaluate"}
+
+
+def kill_and_rerun(name, ref, tmp_path, monkeypatch, when=first_temp, reference=None) -> dict:
+    """Kill stage ``name`` at ``when``, check what it left, rerun it in-process, check the result
+    against ``reference`` (default: the reference pipeline's snapshot of the stage)."""
+    reference = reference or ref["snapshot"][name]
+    st = STAGES[name]
+    out = tmp_path / "out"
+    argv = st.argv(ref, out)
+    res = run_and_kill(argv, [out], when, cwd=tmp_path)
+    assert res.killed, f"{name}: finished (rc {res.rc}) before the kill point {getattr(when, '__name__', when)}: {res.stderr}"
+    assert res.rc == -signal.SIGKILL
+    n_left = assert_all_readable(out)  # nothing half-written under a final name
+    before = stamps(out)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0, f"{name}: rerun after the kill failed"
+    after = stamps(out)
+    assert_all_readable(out)
+    # finished work is skipped: per-case outputs complete before the rerun are not rewritten
+    kept = [rel for rel in before if st.per_case and Path(rel).match(st.per_case)]
+    if name != "fit":  # fit resumes from last.ckpt and writes it again by design
+        assert all(after[rel] == before[rel] for rel in kept), f"{name}: the rerun rewrote finished outputs"
+    if name in SWEEPING:
+        assert leftovers(out) == [], f"{name}: temporaries of the killed run remain"
+    assert set(finals(out)) == set(finals(reference))  # the same files as an uninterrupted run ...
+    if st.deterministic:  # ... byte for byte where the stage is deterministic
+        assert differing(out, reference, ignore=st.volatile) == []
+    return {"killed_after_s": res.seconds, "temp_at_kill": res.temp_at_kill, "finals_at_kill": n_left, "kept": kept, "out": out}
+
+
+#: stages whose minimal run fits the fast set; clip (MiniLM load + training), semantic (needs a
+#: trained CLIP) and fit (LightningCLI + training) take minutes on 2 shared cores: slow set only
+FAST = ("synth", "preprocess", "fit-ct", "describe", "predict", "evaluate")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_kill_at_first_write_then_rerun(name, fast_inputs, tmp_path, monkeypatch):
+    """Fast set: tiny inputs; the uninterrupted run is made here, in-process, for comparison."""
+    monkeypatch.chdir(tmp_path)
+    reference = tmp_path / "uninterrupted"
+    assert main(STAGES[name].argv(fast_inputs, reference)) == 0
+    kill_and_rerun(name, fast_inputs, tmp_path, monkeypatch, when=first_write, reference=reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in STAGES if n != "fit"])
+def test_kill_at_first_write_then_rerun(name, reference_pipeline, tmp_path, monkeypatch):
+    info = kill_and_rerun(name, reference_pipeline, tmp_path, monkeypatch)
+    assert info["temp_at_kill"], f"{name}: the kill landed before any write"
+
+
+@pytest.mark.slow
+def test_fit_killed_at_first_checkpoint_write_resumes(reference_pipeline, tmp_path, monkeypatch):
+    """fit: killed while its first checkpoint is being written, `--ckpt_path=last` reruns to the
+    same checkpoints as the uninterrupted run (same files and steps; weights differ run to run)."""
+    info = kill_and_rerun("fit", reference_pipeline, tmp_path, monkeypatch)
+    out, ref = info["out"], reference_pipeline["run"]
+    ck = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert ck == sorted(p.name for p in (ref / "checkpoints").iterdir() if not p.name.startswith("."))
+    got = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == want["global_step"] and got["epoch"] == want["epoch"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in STAGES if STAGES[n].per_case])
+@pytest.mark.parametrize("nth", [1, 2])
+def test_kill_after_nth_output_then_rerun(name, nth, reference_pipeline, tmp_path, monkeypatch):
+    info = kill_and_rerun(name, reference_pipeline, tmp_path, monkeypatch, when=n_outputs(nth, STAGES[name].per_case))
+    if name != "fit":
+        assert len(info["kept"]) >= nth  # the rerun skipped the cases finished before the kill
