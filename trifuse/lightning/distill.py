@@ -397,22 +397,28 @@ class AsyncTeacherDistillation(L.Callback):
                 done.record(self._stream)
         return out, done
 
+    def _handoff(self, inputs: dict):
+        """On CUDA with a side stream: (event after the batch's copy on the current stream, that stream)."""
+        device = next(iter(inputs.values())).device
+        if self._stream is None or device.type != "cuda":
+            return None, None
+        consumer = torch.cuda.current_stream(device)
+        ready = torch.cuda.Event()
+        ready.record(consumer)
+        return ready, consumer
+
     @torch.no_grad()
     def compute_targets(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
         """Teacher logits and bottleneck features of a batch, now: ``{modality: {"logits", "bottleneck"}}``."""
-        out, done = self._compute(self._inputs_of(batch), None, None)
+        inputs = self._inputs_of(batch)
+        out, done = self._compute(inputs, *self._handoff(inputs))
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         return out
 
     def _submit(self, batch: dict, ahead: bool) -> _Pending:
         inputs = self._inputs_of(batch)
-        device = next(iter(inputs.values())).device
-        ready = consumer = None
-        if self._stream is not None and device.type == "cuda":
-            consumer = torch.cuda.current_stream(device)
-            ready = torch.cuda.Event()
-            ready.record(consumer)
+        ready, consumer = self._handoff(inputs)
         if self.asynchronous and self._pool is not None:
             fut = self._pool.submit(self._compute, inputs, ready, consumer)
         else:
