@@ -257,3 +257,14 @@ def test_batch_results_are_validated_and_failures_recorded(fake_openai, api_key,
     s = describe_cases(_cases(phantom, 2), _describer(fake_openai, batch=True), tmp_path, batch_poll_s=0.02)
     assert s.failed == 2 and {f["kind"] for f in s.failures} == {"schema"} and s.cases_complete == 0
     assert len(list((tmp_path / "cache").glob("*.json"))) == 4
+
+
+def test_progress_bar_counts_done_failed_cached_tokens_and_cost(fake_openai, api_key, phantom, tmp_path, capsys):
+    fake_openai.script = lambda n, body: (fake_openai.ok(n, body) if fake_openai.requested_view(body) != "sagittal"
+                                          else (200, fake_openai.completion("{bad"), {}))
+    describe_cases(_cases(phantom, 2), _describer(fake_openai, price_input=1.0, price_output=2.0), tmp_path,
+                   progress=True, total=2)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "2/2" in last and "done=4" in last and "failed=2" in last and "cached=0" in last
+    assert "tok=900" in last and "usd=0.00" in last  # 6 × (100 + 50) tokens
