@@ -190,7 +190,7 @@ def test_dry_run_costs_the_model_and_prints_an_eta(fake_openai, no_api_key, phan
     assert big.would_request == mini.would_request == 6 and fake_openai.n_requests == 0
     assert mini.est_prompt_tokens > big.est_prompt_tokens  # 2833 image tokens instead of 85
     assert 0 < mini.est_cost_usd < big.est_cost_usd
-    assert "ETA ~" in big.format() and "gpt-4o standard tier" in big.format()
+    assert "ETA ~" in big.format() and "gpt-4o $2.50/$10.00 per 1M" in big.format()
     local = describe_cases(_cases(phantom, 2), "openai", tmp_path / "l", base_url=fake_openai.url, dry_run=True)
     assert local.est_cost_usd == 0.0 and "not OpenAI's server" in local.format()
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 #: source of :data:`FAMILIES` (quoted in messages and the README)
-PRICE_SOURCE = "OpenAI API pricing page and vision guide, standard tier, 2025 (Batch API: 50%)"
+PRICE_SOURCE = "OpenAI API pricing page and vision guide (list prices as of 2025; Batch API 50%)"
 BATCH_DISCOUNT = 0.5
 
 
@@ -114,7 +114,8 @@ def resolve_prices(model: str, base_url: str | None, price_input: float | None =
     if fam is UNKNOWN:
         return Prices(0.0, 0.0, f"unknown: no price for {model!r} in the table (give --price-input/--price-output)")
     return Prices(fam.price_input * k, fam.price_output * k,
-                  f"{fam.name} {'batch' if batch else 'standard'} tier, {PRICE_SOURCE}")
+                  f"{fam.name} ${fam.price_input:.2f}/${fam.price_output:.2f} per 1M in/out"
+                  f"{', x0.5 Batch API' if batch else ''} — {PRICE_SOURCE}")
 
 
 def image_tokens(width: int, height: int, detail: str = "low", base: int = 85, per_tile: int = 170,
