@@ -278,3 +278,27 @@ def test_rays_start_in_coupling_medium_never_in_air(phantom):
         maps = ImpedanceMapper()(mri, brain, labels_closed).stack()
         _, rays = ray_image(maps, SP1, g, cfg, seeds=[0])
     assert rays["reflection"][..., :6].amax(-1).median() > 0.2
+
+
+def test_zero_scatter_has_finite_gradients(layered_maps):
+    """√s of an anechoic (s = 0) sample: d√s/ds is infinite there; the field must stay NaN-free."""
+    maps = layered_maps((30, 12, 12), [(10, 1.5), (30, 1.6)], scatter=0.0, alpha=0.5).clone().requires_grad_(True)
+    cfg = _linear(depth_mm=25.0, width_mm=6.0, elevation_mm=6.0, n_rays=(4, 4))
+    img, _ = ray_image(maps, SP1, _axis_probe((0.0, 5.5, 5.5)), cfg, seeds=[0])
+    img.sum().backward()
+    assert torch.isfinite(maps.grad).all() and maps.grad[:, 0].abs().sum() > 0
+
+
+def test_probe_walk_always_ends_outside_the_brain():
+    """The outward walk from the surface voxel must end outside the brain: with a beam forced to
+    point out of a brain that fills the volume, the walk crosses the whole brain (the old short
+    walk never left it, and argmax of an all-False walk put the face on the surface voxel, inside)."""
+    mri = torch.zeros(1, 4, 24, 24, 24)
+    mri[:, keys.FLAIR, 4:8, 10:14, 10:14] = 3.0  # lesion near the D = 0 border
+    brain = torch.ones(1, 1, 24, 24, 24, dtype=torch.bool)
+    cfg = ProbeConfig(direction=(-1.0, 0.0, 0.0))
+    g = place_probe(mri, brain, SP1, cfg)
+    o = g.origin[0]
+    assert float(o[0]) > 23.0 + cfg.standoff_mm - 0.6  # beyond the far border, then the standoff
+    idx = o.round().long()
+    assert bool(((idx < 0) | (idx > 23)).any())  # the face is outside the brain (here: the volume)

@@ -364,7 +364,9 @@ def place_probe(mri: torch.Tensor, brain: torch.Tensor, spacing: torch.Tensor, c
         # refine on the native grid: walk outward from the (coarse) surface voxel to the
         # first point outside the brain (or the volume), then add the standoff
         step = 0.5 * float(spacing.min())
-        n_steps = int(math.ceil(2 * max(float(f) * float(sv) for f, sv in zip(fac, spacing[0])) / step)) + 2
+        # long enough to leave the volume from any voxel (beyond the volume counts as outside)
+        extent = float((torch.tensor(brain.shape[2:], dtype=torch.float32) * spacing[0].cpu()).norm())
+        n_steps = int(math.ceil(max(2 * max(float(f) * float(sv) for f, sv in zip(fac, spacing[0])), extent) / step)) + 2
         k = torch.arange(n_steps, device=dev, dtype=torch.float32)
         pts = surface_pt[:, None] - k[None, :, None] * step * axes[:, None, 0]  # (B, K, 3)
         idx = torch.round(pts / spacing[:, None]).long()
