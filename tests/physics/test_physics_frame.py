@@ -101,3 +101,29 @@ def test_patch_ct_gets_the_skull_of_brain_outside_the_patch(case):
     assert float((hu > 600).float().mean()) > 0.1  # skull is there
     own = decode_ct(ct(_patch(case, box, frame=False))[keys.CT])
     assert float((own > 600).float().mean()) == 0.0  # the per-patch CT saw no brain: no skull
+
+
+def test_loader_patches_carry_the_case_frame(tiny_dataset, tmp_path):
+    """Through the real loader: a cached case's training patch gets the crop of the whole-case US and CT."""
+    from trifuse.io import cache as cache_mod
+    from trifuse.io.manifest import read_manifest
+    from trifuse.io.preprocess import preprocess
+    from trifuse.lightning.data import PatchDataset
+    from trifuse.physics.ultrasound import ProbeConfig, simulate_ultrasound
+
+    data = tiny_dataset(2021, n=1, shape=(40, 44, 36))
+    cache = tmp_path / "cache"
+    preprocess(data, cache)
+    cid = read_manifest(cache)["cases"][0]["case_id"]
+    us, ct = SimulateUltrasound(ProbeConfig(depth_mm=40.0), seed=1), SynthesizeCT()
+    ds = PatchDataset(cache, [cid], patch_size=(24, 24, 24), samples_per_epoch=4, fg_prob=0.0, sample_transforms=[us, ct])
+    whole = ct(cache_mod.load_sample(cache, cid))
+    for i in range(3):
+        p = ds[i]
+        box = p[keys.META]["patch_box"]
+        assert [r["frame"] for r in p[keys.META]["applied"][-2:]] == ["case", "case"]
+        # the loader draws the speckle seed per patch: the whole case simulated with that seed
+        seed = p[keys.META]["applied"][-2]["seed"]
+        full_us = simulate_ultrasound(whole[keys.MRI], whole[keys.BRAIN], whole[keys.META]["spacing"], us.config, None, [seed])
+        torch.testing.assert_close(p[keys.US], _crop(full_us, box))
+        torch.testing.assert_close(p[keys.CT], _crop(whole[keys.CT], box))
