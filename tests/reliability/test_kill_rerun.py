@@ -68,6 +68,7 @@ def test_fast_kill_at_first_write_then_rerun(name, fast_inputs, tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the shared reference pipeline takes minutes on 2 shared cores
 @pytest.mark.parametrize("name", [n for n in STAGES if n != "fit"])
 def test_kill_at_first_write_then_rerun(name, reference_pipeline, tmp_path, monkeypatch):
     info = kill_and_rerun(name, reference_pipeline, tmp_path, monkeypatch)
@@ -75,6 +76,7 @@ def test_kill_at_first_write_then_rerun(name, reference_pipeline, tmp_path, monk
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fit_killed_at_first_checkpoint_write_resumes(reference_pipeline, tmp_path, monkeypatch):
     """fit: killed while its first checkpoint is being written, `--ckpt_path=last` reruns to the
     same checkpoints as the uninterrupted run (same files and steps; weights differ run to run)."""
@@ -89,6 +91,7 @@ def test_fit_killed_at_first_checkpoint_write_resumes(reference_pipeline, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", [n for n in STAGES if STAGES[n].per_case])
 @pytest.mark.parametrize("nth", [1, 2])
 def test_kill_after_nth_output_then_rerun(name, nth, reference_pipeline, tmp_path, monkeypatch):

@@ -43,4 +43,5 @@ def test_predict_peak_memory_does_not_grow_with_cases(tmp_path):
         assert r["rc"] == 0, r["tail"]
         assert len(list((tmp_path / f"p{n}").glob("*.nii.gz"))) == n
         peaks[n] = r["peak_rss_mib"]
+    print(f"predict peak RSS: 2 cases {peaks[2]:.0f} MiB, 10 cases {peaks[10]:.0f} MiB")
     assert peaks[10] <= 1.10 * peaks[2], peaks
