@@ -20,6 +20,7 @@ other processes hits both sides alike):
 Usage::
 
     python bench/bench_physics.py [--threads 2] [--repeats 5] [--phantom] [--device cuda] [--resolution-mm 2|0|psf]
+                                   [--size full|small] [--patch 128]
 """
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ from trifuse.physics.transforms import SimulateUltrasound, SynthesizeCT
 from trifuse.physics.ultrasound import ProbeConfig
 
 
-def full_case(seed: int, phantom: bool) -> dict:
+def full_case(seed: int, phantom: bool, size: str = "full") -> dict:
     """A cropped, z-scored full-size case: the synthetic cohort's, else the phantom."""
     if not phantom:
         try:
             from trifuse.io.cache import brain_box, zscore
             from trifuse.synth.cohort import generate_case
 
-            c = generate_case(seed, size="full")
+            c = generate_case(seed, size=size)
             sp = c["spacing"]
             sp = [float(sp)] * 3 if np.isscalar(sp) else [float(v) for v in sp]
             brain = np.zeros(c["t1"].shape, dtype=bool)
@@ -131,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--phantom", action="store_true", help="use the analytic phantom instead of the synthetic cohort")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", default="full", choices=("full", "small"), help="synthetic case size (small: the 2 mm demo cohort)")
+    ap.add_argument("--patch", type=int, default=128, help="training patch edge in voxels")
     ap.add_argument("--resolution-mm", type=lambda v: v if v == "psf" else float(v), default=ProbeConfig().resolution_mm,
                     help="US working resolution in mm (0 = native voxels, 'psf' = chosen from the PSF)")
     args = ap.parse_args(argv)
@@ -138,7 +141,7 @@ def main(argv=None):
     dev = args.device
 
     t = time.perf_counter()
-    full = full_case(args.seed, args.phantom)
+    full = full_case(args.seed, args.phantom, args.size)
     print(f"case: MRI {tuple(full[keys.MRI].shape)} (cropped brain box) built in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     model = fit_ct_from_samples([full], n_components=6, max_voxels=100_000, seed=0)
@@ -150,9 +153,9 @@ def main(argv=None):
     mri = full[keys.MRI]
     fl = (mri[keys.FLAIR] > 2.0) & full[keys.BRAIN][0]
     centre = fl.nonzero().float().mean(0).tolist() if fl.any() else [n / 2 for n in mri.shape[1:]]
-    box = patch_box(mri.shape[1:], centre)
-    pt = patch(full, box)
-    pt_own = patch(full, box, frame=False)
+    box = patch_box(mri.shape[1:], centre, args.patch)
+    pt = patch(full, box, args.patch)
+    pt_own = patch(full, box, args.patch, frame=False)
 
     # patch-vs-case agreement: a patch at the probe face (brain surface) and one deep in the brain
     with torch.no_grad():
@@ -211,10 +214,11 @@ def main(argv=None):
     print(f"device {dev}, torch threads {torch.get_num_threads()}, US working resolution {res or 'native'} mm, "
           f"{args.repeats} repeats (median / best)")
     print(f"US+CT full case {tuple(full[keys.MRI].shape[1:])}: {med['full']:.3f} / {best['full']:.3f} s   (target <= 1.5 s)")
-    print(f"US+CT 128^3 patch, case frame: {med['patch']:.3f} / {best['patch']:.3f} s   (target <= 0.25 s)")
-    print(f"US+CT 128^3 patch, own frame (old per-patch): {med['own']:.3f} / {best['own']:.3f} s")
+    n = args.patch
+    print(f"US+CT {n}^3 patch, case frame: {med['patch']:.3f} / {best['patch']:.3f} s   (target <= 0.25 s at 128^3)")
+    print(f"US+CT {n}^3 patch, own frame (old per-patch): {med['own']:.3f} / {best['own']:.3f} s")
     for f in (8, 16):
-        print(f"SegResNet(init_filters={f:2d}) step on 128^3: {med[f]:.3f} / {best[f]:.3f} s   "
+        print(f"SegResNet(init_filters={f:2d}) step on {n}^3: {med[f]:.3f} / {best[f]:.3f} s   "
               f"ratio synthesis/step = {med['patch'] / med[f]:.3f}   (target <= 0.1)")
     if dev.startswith("cuda"):
         n = max(10, args.repeats)
