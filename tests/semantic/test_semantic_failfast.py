@@ -265,6 +265,6 @@ def test_progress_bar_counts_done_failed_cached_tokens_and_cost(fake_openai, api
     describe_cases(_cases(phantom, 2), _describer(fake_openai, price_input=1.0, price_output=2.0), tmp_path,
                    progress=True, total=2)
     err = capsys.readouterr().err
-    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    last = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("describe") and "done=" in ln][-1]
     assert "2/2" in last and "done=4" in last and "failed=2" in last and "cached=0" in last
     assert "tok=900" in last and "usd=0.00" in last  # 6 × (100 + 50) tokens
