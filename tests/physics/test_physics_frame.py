@@ -127,3 +127,12 @@ def test_loader_patches_carry_the_case_frame(tiny_dataset, tmp_path):
         full_us = simulate_ultrasound(whole[keys.MRI], whole[keys.BRAIN], whole[keys.META]["spacing"], us.config, None, [seed])
         torch.testing.assert_close(p[keys.US], _crop(full_us, box))
         torch.testing.assert_close(p[keys.CT], _crop(whole[keys.CT], box))
+
+
+def test_cache_margin_holds_the_modelled_head_layers():
+    """The cache crops the brain box plus a margin: it must hold the CSF gap, skull and scalp the
+    pixel tier models around the brain (else the head layers are cut off at the crop)."""
+    from trifuse.io.cache import DEFAULT_MARGIN_MM
+    from trifuse.physics.tissues import HeadConfig
+
+    assert DEFAULT_MARGIN_MM >= HeadConfig().total_mm
