@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from lightning_app.cli import main
 from tests.app.test_predict_evaluate import constant_model_ckpt
@@ -38,8 +39,10 @@ def test_predict_bad_inputs_named_and_valid_cases_predicted(tmp_path, capsys):
         assert (lab == 4).any()
 
 
+@pytest.mark.slow
 def test_predict_workers_write_the_same_files(tmp_path):
-    """`--workers 2`: the same label maps, byte for byte, as one process."""
+    """`--workers 2`: the same label maps, byte for byte, as one process (slow: two spawned
+    processes each import torch and load the model)."""
     from tests.conftest import write_tiny_case
 
     data = tmp_path / "d"
