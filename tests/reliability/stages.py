@@ -63,6 +63,11 @@ class Stage:
     volatile: tuple[str, ...] = ()
     rewritten: tuple[str, ...] = ()
     per_case: str | None = None  #: glob of per-case outputs (for the n-th-output kill point)
+    #: glob of the files compared with the uninterrupted run (default all); fit's logs differ by
+    #: design (a resumed run logs into a new CSV version), its checkpoints must not
+    compared: str | None = None
+    #: the stage rewrites finished per-case outputs on a rerun (identically, from its own cache)
+    rewrites_finished: bool = False
 
 
 def _fit_argv(ref, out):
@@ -83,7 +88,8 @@ STAGES = {
         Stage("describe", lambda r, o: ["describe", "--data", str(r["data"]), "--cache", str(r["cache"]), "--backend",
                                         "offline", "--no-progress", "--out", str(o)],
               volatile=("describe_summary.json", "cache/*.json", "describe_manifest.json"),
-              rewritten=("describe_summary.json", "describe_manifest.json"), per_case="BraTS2021_*.json"),
+              rewritten=("describe_summary.json", "describe_manifest.json"), per_case="BraTS2021_*.json",
+              rewrites_finished=True),
         Stage("clip", lambda r, o: ["clip", "--data", str(r["data"]), "--cache", str(r["cache"]), "--descriptions",
                                     str(r["desc"]), "--out", str(o), "--epochs", "3", "--batch-size", "8"],
               deterministic=False),  # CPU training is not bit-reproducible run to run here (clip.pt bytes differ)
@@ -92,7 +98,7 @@ STAGES = {
                                         "--slice-step", "4"],
               volatile=("priors_summary.json",), rewritten=("priors_summary.json",),
               per_case="BraTS2021_*.npz"),
-        Stage("fit", _fit_argv, deterministic=False, per_case="checkpoints/*.ckpt"),
+        Stage("fit", _fit_argv, deterministic=False, per_case="checkpoints/*.ckpt", compared="checkpoints/*"),
         Stage("predict", lambda r, o: ["predict", "--ckpt", str(r["ckpt"]), "--input", str(r["data"]), "--output", str(o),
                                        "--device", "cpu", "--no-tta"],
               per_case="BraTS2021_*.nii.gz"),
