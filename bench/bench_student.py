@@ -70,10 +70,12 @@ def save_teachers(root: Path) -> dict[str, str]:
         t = TeacherModule(modality=m, inputs=["mri"])  # default net: SegResNet, 16 filters
         d = root / "teachers" / m
         d.mkdir(parents=True, exist_ok=True)
+        out[m] = str(d)
+        if (d / "best.ckpt").exists():  # a rerun in the same --workdir keeps its teachers (and their cached targets)
+            continue
         tr = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=0)
         tr.strategy.connect(t)
         tr.save_checkpoint(d / "best.ckpt")
-        out[m] = str(d)
     return out
 
 
