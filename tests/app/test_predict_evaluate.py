@@ -31,7 +31,7 @@ from trifuse.nets import SegResNetBackbone
 
 def constant_model_ckpt(path, bias, modality="mri") -> str:
     """Checkpoint of a TeacherModule whose logits are ``bias`` (per region) at every voxel."""
-    channels = 4 if modality == "mri" else 1
+    channels = 4 if modality == "mri" else (keys.CT_CHANNELS if modality == "ct" else 1)
     net = SegResNetBackbone(in_channels=channels, out_channels=3, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
     final = net.conv_final[-1].conv if hasattr(net.conv_final[-1], "conv") else net.conv_final[-1]
     with torch.no_grad():

@@ -109,3 +109,40 @@ def test_case_shard_sampler_never_repeats_cases(monkeypatch):
         monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
         shards.append(list(CaseShardSampler(3)))
     assert shards == [[0, 2], [1]]  # uneven, but every case exactly once (no padding repeats)
+
+
+def test_class_ratio_sampling_centres_patches_on_the_chosen_region(synthetic_cohort):
+    from trifuse.io.manifest import read_manifest
+    from trifuse.lightning.data import PatchDataset
+
+    data, cache = synthetic_cohort
+    ids = [c["case_id"] for c in read_manifest(cache)["cases"]]
+    with_et = [cid for cid in ids if int(np.load(cache / cid / "label.npy")[2].sum()) > 0]
+    assert with_et, "the tiny cohort has enhancing tumour"
+    ds = PatchDataset(cache, with_et, patch_size=(8, 8, 8), samples_per_epoch=12, class_ratios=[0, 0, 0, 1], seed=1)
+    hits = [bool(ds[i][keys.LABEL][2].any()) for i in range(12)]
+    assert all(hits)  # every patch holds ET (a small region in a large case)
+    uniform = PatchDataset(cache, with_et, patch_size=(8, 8, 8), samples_per_epoch=24, class_ratios=[1, 0, 0, 0], seed=1)
+    assert sum(bool(uniform[i][keys.LABEL][2].any()) for i in range(24)) < 24
+    how = [ds[i][keys.META]["applied"][0]["foreground"] for i in range(3)]
+    assert all(how)
+
+
+def test_nnunet_augmentation_through_the_loader_keeps_patch_size_and_labels(synthetic_cohort):
+    from trifuse.io.manifest import read_manifest
+    from trifuse.lightning.data import PatchDataset
+    from trifuse.transforms import NNUNetAugment
+
+    data, cache = synthetic_cohort
+    ids = [c["case_id"] for c in read_manifest(cache)["cases"]]
+    aug = NNUNetAugment(patch_size=(16, 16, 16), rotate_prob=1.0, scale_prob=1.0)
+    ds = PatchDataset(cache, ids, patch_size=(16, 16, 16), samples_per_epoch=4, augment=aug, class_ratios=[1, 1, 1, 1])
+    for i in range(4):
+        s = ds[i]
+        assert tuple(s[keys.MRI].shape) == (4, 16, 16, 16) and tuple(s[keys.LABEL].shape) == (3, 16, 16, 16)
+        lab = s[keys.LABEL]
+        assert bool((lab[2] <= lab[1]).all()) and bool((lab[1] <= lab[0]).all())
+        names = [a["name"] for a in s[keys.META]["applied"]]
+        assert names[:2] == ["RandomPatch", "NNUNetAugment"]
+        read = s[keys.META]["applied"][0]["box"]
+        assert any(b - a > 16 for a, b in read)  # a larger crop was read for the rotation

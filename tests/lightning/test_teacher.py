@@ -132,3 +132,22 @@ def test_segmentation_module_front_still_works():
     assert m.inputs == (keys.MRI,) and m.hparams.lr == 1e-3
     opt = m.configure_optimizers()  # no trainer: plain AdamW as before
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_checkpoint_records_spacing_and_postprocessing_decision(fitted):
+    model, dm, trainer, ckpt = fitted
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    meta = raw["trifuse"]
+    want_spacing = dm.target_spacing
+    assert want_spacing is not None and meta["spacing"] == pytest.approx(want_spacing)
+    decision = meta["postprocessing"]
+    assert set(decision["min_component_mm3"]) == {"WT", "TC", "ET"} and "et_min_mm3" in decision
+    assert decision["n_cases"] == len(dm.val_ids)
+    # the decision and spacing round-trip into a reloaded module and into the Predictor
+    from trifuse.inference import Predictor
+
+    again = TeacherModule.load_from_checkpoint(ckpt, net=small_net(), map_location="cpu")  # built in Python: pass the net
+    again.trifuse_meta = raw["trifuse"]  # what trifuse.inference.load_model attaches
+    assert again.postprocessing_decision == decision and again.train_spacing == pytest.approx(want_spacing)
+    pred = Predictor(again)
+    assert pred.decision == decision and pred.target_spacing == pytest.approx(want_spacing)

@@ -104,3 +104,29 @@ def test_build_backbone():
     assert isinstance(build_backbone("dynunet", in_channels=1, filters=(8, 8, 8, 8, 8)), DynUNetBackbone)
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("unetr")
+
+
+def test_segresnetds_deep_supervision_levels_in_training_one_output_in_eval():
+    from trifuse.losses import RegionDiceBCELoss
+    from trifuse.losses.segmentation import deep_supervision_weights
+    from trifuse.nets import SegResNetDSBackbone
+
+    net = SegResNetDSBackbone(in_channels=4, out_channels=3, init_filters=4, dsdepth=3)
+    x = torch.randn(2, 4, 32, 32, 32)
+    net.train()
+    outs = net(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 32, 32, 32), (2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
+    outs2, feats = net(x, return_features=True)
+    assert all(torch.equal(a, b) for a, b in zip(outs, outs2))
+    assert [(k, tuple(v.shape[1:2])) for k, v in feats.items()] == [(f.name, (f.channels,)) for f in net.feature_info]
+    w = deep_supervision_weights(3, "exp")
+    assert sum(w) == pytest.approx(1.0) and w[0] > w[1] > w[2]
+    label = (torch.rand(2, 3, 32, 32, 32) > 0.5).float()
+    loss = RegionDiceBCELoss(ds_weights="exp")(outs, label)
+    loss.backward()
+    low_head = net.up_layers[-3]["head"] if len(net.up_layers) >= 3 else None
+    assert low_head is not None and float(low_head.weight.grad.abs().sum()) > 0  # the low-resolution head learns
+    net.eval()
+    with torch.no_grad():
+        single = net(x)
+    assert torch.is_tensor(single) and tuple(single.shape) == (2, 3, 32, 32, 32)

@@ -28,9 +28,12 @@ from trifuse import keys
 from trifuse.io import cache as cache_mod
 from trifuse.io.manifest import read_manifest
 from trifuse.io.preprocess import default_cache_dir, preprocess
-from trifuse.transforms import RandomAugment, SampleTransform, record
+from trifuse.transforms import NNUNetAugment, RandomAugment, SampleTransform, record
 
 log = logging.getLogger(__name__)
+
+#: voxels kept per class and case for class-ratio sampling (a uniform subsample)
+MAX_CLASS_POINTS = 20000
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -101,6 +104,7 @@ class PatchDataset(Dataset):
         augment: Optional[SampleTransform] = None,
         sample_transforms: Sequence[SampleTransform] = (),
         seed: int = 0,
+        class_ratios: Optional[Sequence[float]] = None,
     ):
         if not case_ids:
             raise ValueError(f"{cache_dir}: no cases to train on")
@@ -112,8 +116,12 @@ class PatchDataset(Dataset):
         self.augment = augment
         self.sample_transforms = list(sample_transforms)
         self.seed = seed
+        self.class_ratios = [float(r) for r in class_ratios] if class_ratios is not None else None
+        if self.class_ratios is not None and (len(self.class_ratios) != 1 + len(keys.REGIONS) or min(self.class_ratios) < 0):
+            raise ValueError(f"class_ratios needs {1 + len(keys.REGIONS)} non-negative weights (random, WT, TC, ET), got {class_ratios}")
         self._arrays: dict[str, dict] = {}
         self._meta: dict[str, dict] = {}
+        self._class_idx: dict[str, list[np.ndarray]] = {}
         self._draws = 0
 
     def __len__(self) -> int:
@@ -134,31 +142,76 @@ class PatchDataset(Dataset):
         self._draws += 1
         return torch.Generator().manual_seed((base + 7919 * index + 104729 * self._draws + self.seed) % (2**63))
 
-    def sample_box(self, shape, fg: np.ndarray, gen: torch.Generator) -> tuple[list[list[int]], bool]:
-        """Patch box inside ``shape``: centred on a foreground voxel with ``fg_prob``, else uniform."""
+    def class_indices(self, case_id: str, arrays: dict) -> list[np.ndarray]:
+        """Flat voxel indices of each class (WT, TC, ET) of a case, at most ``MAX_CLASS_POINTS`` each.
+
+        Computed once per case and worker from the cached region masks (``label.npy``).
+        """
+        if case_id not in self._class_idx:
+            rng = np.random.default_rng(abs(hash(case_id)) % (2**32))
+            out = []
+            for c in range(len(keys.REGIONS)):
+                idx = np.flatnonzero(np.asarray(arrays["label"][c]))
+                if len(idx) > MAX_CLASS_POINTS:
+                    idx = np.sort(rng.choice(idx, MAX_CLASS_POINTS, replace=False))
+                out.append(idx)
+            self._class_idx[case_id] = out
+        return self._class_idx[case_id]
+
+    def sample_centre(self, shape, fg: np.ndarray, gen: torch.Generator, case_id: str | None = None, arrays: dict | None = None):
+        """Patch centre and how it was chosen (``"random"``, ``"fg"`` or a region name).
+
+        With ``class_ratios`` (weights of random, WT, TC, ET centres; nnU-Net forces 1/3
+        foreground patches, MONAI ``RandCropByLabelClasses`` samples by class ratios) the
+        class is drawn first among those present in the case, then a voxel of it; otherwise
+        a foreground voxel with probability ``fg_prob``, else a uniform voxel.
+        """
+        if self.class_ratios is not None and arrays is not None:
+            idx = self.class_indices(case_id, arrays)
+            w = torch.tensor([self.class_ratios[0]] + [r if len(i) else 0.0 for r, i in zip(self.class_ratios[1:], idx)])
+            if float(w.sum()) > 0:
+                k = int(torch.multinomial(w / w.sum(), 1, generator=gen))
+                if k > 0:
+                    flat = idx[k - 1][int(torch.randint(len(idx[k - 1]), (1,), generator=gen))]
+                    return [int(v) for v in np.unravel_index(int(flat), shape)], keys.REGIONS[k - 1]
+            return [int(torch.randint(max(s, 1), (1,), generator=gen)) for s in shape], "random"
         use_fg = len(fg) > 0 and float(torch.rand((), generator=gen)) < self.fg_prob
         if use_fg:
-            centre = fg[int(torch.randint(len(fg), (1,), generator=gen))].astype(int)
-        else:
-            centre = [int(torch.randint(max(s, 1), (1,), generator=gen)) for s in shape]
+            return [int(v) for v in fg[int(torch.randint(len(fg), (1,), generator=gen))]], "fg"
+        return [int(torch.randint(max(s, 1), (1,), generator=gen)) for s in shape], "random"
+
+    @staticmethod
+    def box_around(centre, shape, size) -> list[list[int]]:
+        """Box of ``size`` around ``centre``, shifted inside ``shape`` (the whole axis if smaller)."""
         box = []
-        for c, s, p in zip(centre, shape, self.patch_size):
+        for c, s, p in zip(centre, shape, size):
             if s <= p:
                 box.append([0, s])
             else:
                 start = int(np.clip(c - p // 2, 0, s - p))
                 box.append([start, start + p])
-        return box, use_fg
+        return box
+
+    def sample_box(self, shape, fg: np.ndarray, gen: torch.Generator, size=None, case_id=None, arrays=None) -> tuple[list[list[int]], bool]:
+        """Patch box (of ``size``, default the patch size) inside ``shape`` and whether it is foreground-centred."""
+        centre, how = self.sample_centre(shape, fg, gen, case_id, arrays)
+        return self.box_around(centre, shape, size or self.patch_size), how != "random"
 
     def __getitem__(self, index: int) -> dict:
         gen = self._generator(index)
         case_id = self.case_ids[int(torch.randint(len(self.case_ids), (1,), generator=gen))]
         arrays, meta = self._open(case_id)
         shape = arrays["seg"].shape
-        box, used_fg = self.sample_box(shape, arrays["fg"], gen)
+        # an augmentation with a spatial part reads a larger crop (rotation/scaling without
+        # zero corners) and cuts the patch from its centre; its parameters are drawn first
+        params, size = None, self.patch_size
+        if self.augment is not None and hasattr(self.augment, "input_size"):
+            params = self.augment.sample_params(gen, channels=int(arrays["mri"].shape[0]))
+            size = self.augment.input_size(self.patch_size, params)
+        box, used_fg = self.sample_box(shape, arrays["fg"], gen, size=size, case_id=case_id, arrays=arrays)
         sample = cache_mod.make_sample(arrays, meta, box)
         for k in (keys.MRI, keys.LABEL, keys.SEG, keys.BRAIN):
-            sample[k] = _pad_to(sample[k], self.patch_size)
+            sample[k] = _pad_to(sample[k], size)
         record(sample, "RandomPatch", box=box, foreground=used_fg)
         # the pixel tier simulates in the frame of the whole cached case (trifuse.physics.transforms),
         # before spatial augmentation, so that its output is augmented together with the MRI
@@ -167,7 +220,7 @@ class PatchDataset(Dataset):
         for t in framed:
             sample = t(sample, gen)
         if self.augment is not None:
-            sample = self.augment(sample, gen)
+            sample = self.augment(sample, gen, params=params) if params is not None else self.augment(sample, gen)
         for t in self.sample_transforms:
             if not any(t is f for f in framed):
                 sample = t(sample, gen)
@@ -209,8 +262,15 @@ class BratsDataModule(L.LightningDataModule):
             this many, so N GPUs see N× the patches of one, at the same steps per epoch).
         steps_per_epoch: optimizer steps per epoch per rank (nnU-Net: 250); when set it wins
             over ``samples_per_epoch`` (= ``steps_per_epoch × batch_size × accumulate_grad_batches``).
-        fg_prob: foreground oversampling probability.
-        augment: apply :class:`~trifuse.transforms.RandomAugment` to training patches.
+        fg_prob: foreground oversampling probability (when ``class_ratios`` is not set).
+        class_ratios: weights of patch centres drawn uniformly, in WT, in TC and in ET
+            (e.g. ``[1, 1, 1, 1]``: a quarter each, so small ET is seen); classes absent from a
+            case are skipped. ``None``: the ``fg_prob`` rule.
+        augment: training augmentation: ``"nnunet"`` (:class:`~trifuse.transforms.NNUNetAugment`,
+            rotation/scaling on a larger crop, mirroring, noise, blur, brightness, contrast,
+            low resolution, gamma), ``"basic"`` or ``True``
+            (:class:`~trifuse.transforms.RandomAugment`: the method paper's flips, rotation,
+            gamma), or ``False``.
         sample_transforms: extra per-sample transforms (e.g. the pixel tier).
         transforms_on_device: run batch-capable ``sample_transforms`` in
             ``on_after_batch_transfer`` on the device instead of in workers.
@@ -233,7 +293,8 @@ class BratsDataModule(L.LightningDataModule):
         samples_per_epoch: int = 250,
         steps_per_epoch: Optional[int] = None,
         fg_prob: float = 0.5,
-        augment: bool = True,
+        class_ratios: Optional[list[float]] = None,
+        augment: bool | str = True,
         sample_transforms: Optional[list[SampleTransform]] = None,
         transforms_on_device: bool = False,
         skip_invalid: bool = False,
@@ -255,7 +316,10 @@ class BratsDataModule(L.LightningDataModule):
         #: set by AsyncTeacherDistillation: sees each training batch one step ahead (LookaheadDataLoader)
         self.train_lookahead = None
         self.fg_prob = fg_prob
-        self.augment = augment
+        self.class_ratios = class_ratios
+        if augment not in (True, False, "basic", "nnunet", "none"):
+            raise ValueError(f"augment must be 'nnunet', 'basic', true or false, got {augment!r}")
+        self.augment = False if augment == "none" else augment
         self.sample_transforms = list(sample_transforms or [])
         self.transforms_on_device = transforms_on_device
         self.skip_invalid = skip_invalid
@@ -319,6 +383,24 @@ class BratsDataModule(L.LightningDataModule):
                     batch = t(batch)
         return batch
 
+    def build_augment(self) -> Optional[SampleTransform]:
+        """The training augmentation named by ``augment``."""
+        if self.augment == "nnunet":
+            return NNUNetAugment(patch_size=self.patch_size)
+        return RandomAugment() if self.augment else None
+
+    @property
+    def target_spacing(self) -> Optional[list[float]]:
+        """Median voxel spacing (mm) of the training cases (nnU-Net's target spacing), from the cache."""
+        ids = getattr(self, "train_ids", None) or [c["case_id"] for c in (self.manifest or {}).get("cases", [])]
+        spacings = []
+        for cid in ids:
+            try:
+                spacings.append([float(v) for v in cache_mod.read_meta(self.resolved_cache_dir, cid)["spacing"]])
+            except (OSError, KeyError, ValueError):
+                continue
+        return [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None
+
     # --- loaders ---------------------------------------------------------------------
     def patches_per_rank(self) -> int:
         """Training patches each rank draws per epoch (see ``samples_per_epoch``/``steps_per_epoch``)."""
@@ -337,7 +419,8 @@ class BratsDataModule(L.LightningDataModule):
             patch_size=self.patch_size,
             samples_per_epoch=self.patches_per_rank() * world,
             fg_prob=self.fg_prob,
-            augment=RandomAugment() if self.augment else None,
+            augment=self.build_augment(),
+            class_ratios=self.class_ratios,
             sample_transforms=self._worker_transforms(),
             seed=self.seed,
         )

@@ -242,6 +242,12 @@ class TeacherModule(L.LightningModule):
         scheduler_interval: ``"step"`` or ``"epoch"``; default chosen by :func:`build_scheduler`.
         keep_val_example: keep tri-planar slices of the first validation case (rank 0) for
             the overlay image of :class:`~trifuse.lightning.callbacks.ValidationMedia`.
+        val_tta: average the 8 mirrorings in validation (nnU-Net test-time mirroring; 8×
+            the validation cost, so off by default; ``trifuse predict`` mirrors by default).
+        postprocessing: decide the BraTS post-processing (:mod:`trifuse.postprocess`) on
+            every validation epoch and store the decision in the checkpoint, where
+            :class:`trifuse.inference.Predictor` applies it. ``val/*`` metrics are *without*
+            it; ``val/post_dice_*`` with it.
 
     Shapes:
         batches are dicts of ``(B, C, D, H, W)`` tensors (DESIGN.md "The sample"); the
@@ -264,6 +270,8 @@ class TeacherModule(L.LightningModule):
         threshold: float = 0.5,
         scheduler_interval: Optional[str] = None,
         keep_val_example: bool = True,
+        val_tta: bool = False,
+        postprocessing: bool = True,
     ):
         super().__init__()
         live = {"net": net, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler, "metrics": metrics}
@@ -300,6 +308,15 @@ class TeacherModule(L.LightningModule):
         self.threshold = threshold
         self.scheduler_interval = scheduler_interval
         self.keep_val_example = keep_val_example
+        self.val_tta = val_tta
+        self.postprocessing = postprocessing
+        from trifuse.postprocess import PostprocessingSearch
+
+        self._pp_search = PostprocessingSearch()
+        #: the post-processing decided on the last validation epoch (saved in checkpoints)
+        self.postprocessing_decision: dict = {}
+        #: median voxel spacing (mm) of the training cases (saved in checkpoints; predict resamples to it)
+        self.train_spacing: Optional[list[float]] = None
         #: per-region validation means of the last validation epoch (``dice_WT``, ``hd95_mean``, ...)
         self.last_val_summary: dict[str, float] = {}
         #: per-case rows ``{case_id, region, dice, hd95}`` of the last validation epoch (all ranks)
@@ -355,6 +372,17 @@ class TeacherModule(L.LightningModule):
             x, roi_size=roi, sw_batch_size=self.sw_batch_size, predictor=self, overlap=self.overlap, mode="gaussian"
         )
 
+    def infer_tta(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`infer` averaged over the 8 mirrorings (logits)."""
+        from trifuse.inference import mirror_axes
+
+        outs = []
+        for axes in mirror_axes(3):
+            dims = [2 + a for a in axes]
+            out = self.infer(x.flip(dims) if dims else x).float()
+            outs.append(out.flip(dims) if dims else out)
+        return torch.stack(outs).mean(0)
+
     def predict_regions(self, x: torch.Tensor) -> torch.Tensor:
         """Binary region masks ``(B, 3, D, H, W)`` (bool) of a whole volume."""
         return torch.sigmoid(self.infer(x).float()) > self.threshold
@@ -369,13 +397,16 @@ class TeacherModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.net_input(batch)
-        logits = self.infer(x)
+        logits = self.infer_tta(x) if self.val_tta else self.infer(x)
         label = batch[keys.LABEL]
         loss = self.criterion(logits, label)
         self.log("val/loss", loss, batch_size=x.shape[0], sync_dist=True)
         pred = torch.sigmoid(logits.float()) > self.threshold
         spacing = [m["spacing"] for m in batch[keys.META]]
         self.val_metrics.update(pred, label, spacing=spacing, case_ids=batch[keys.CASE_ID])
+        if self.postprocessing and not self.trainer.sanity_checking:
+            for b in range(pred.shape[0]):
+                self._pp_search.update(pred[b].cpu(), label[b].cpu(), spacing[b])
         if batch_idx == 0 and self.keep_val_example and self.global_rank == 0 and not self.trainer.sanity_checking:
             from trifuse.lightning.images import triplanar_example
 
@@ -397,6 +428,31 @@ class TeacherModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in flat.items()}, sync_dist=False)
         self.last_val_summary = flat
         self.last_val_rows = rows
+        self.decide_postprocessing()
+
+    def decide_postprocessing(self) -> None:
+        """Decide the post-processing on this epoch's validation cases (all ranks gathered)."""
+        if not self.postprocessing:
+            return
+        cases = self._pp_search.state()
+        self._pp_search.reset()
+        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, cases)
+            cases = [c for part in gathered for c in part]
+        if not cases:
+            return
+        self.postprocessing_decision = self._pp_search.decide(cases)
+        post = {f"val/post_dice_{r}": v["post"] for r, v in self.postprocessing_decision["val_dice"].items()}
+        post["val/post_dice_mean"] = sum(post.values()) / len(post)
+        self.log_dict(post, sync_dist=False)
+        self.last_val_summary.update({k.removeprefix("val/"): v for k, v in post.items()})
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        spacing = getattr(dm, "target_spacing", None) if dm is not None else None
+        if spacing:
+            self.train_spacing = [float(v) for v in spacing]
 
     # --- inference (LightningCLI predict) --------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
@@ -422,4 +478,11 @@ class TeacherModule(L.LightningModule):
             "in_channels": self.in_channels,
             "regions": list(keys.REGIONS),
             "roi_size": list(self.roi_size),
+            "spacing": self.train_spacing,
+            "postprocessing": self.postprocessing_decision,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("trifuse") or {}
+        self.train_spacing = meta.get("spacing")
+        self.postprocessing_decision = meta.get("postprocessing") or {}

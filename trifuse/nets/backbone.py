@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from monai.networks.nets import DynUNet, SegResNet
+from monai.networks.nets import DynUNet, SegResNet, SegResNetDS
 from torch import nn
 
-__all__ = ["FeatureInfo", "SegResNetBackbone", "DynUNetBackbone", "build_backbone"]
+__all__ = ["FeatureInfo", "SegResNetBackbone", "SegResNetDSBackbone", "DynUNetBackbone", "build_backbone"]
 
 
 class FeatureInfo(NamedTuple):
@@ -131,6 +131,90 @@ class SegResNetBackbone(SegResNet):
         if self.use_conv_final:
             x = self.conv_final(x)
         return x, feats
+
+
+class SegResNetDSBackbone(SegResNetDS):
+    """MONAI SegResNetDS (Myronenko et al., "Auto3DSeg for brain tumor segmentation from 3D MRI
+    in BraTS 2023 challenge", BrainLes 2023) with deep supervision and feature taps.
+
+    In training mode with ``dsdepth > 1`` the network returns a list of ``dsdepth`` logits,
+    full resolution first (level ``i`` at stride ``2**i``), which
+    :class:`~trifuse.losses.RegionDiceBCELoss` weights with ``ds_weights`` (nnU-Net: 1/2^i,
+    normalised); in eval mode it returns the full-resolution logits only. Parameters and
+    ``state_dict`` are MONAI's.
+
+    Args:
+        spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down,
+            blocks_up, upsample_mode: as in MONAI ``SegResNetDS`` (defaults here: 16 filters,
+            4 levels ``(1, 2, 2, 4)``, instance norm, ``dsdepth=3``).
+        dsdepth: number of deep-supervision outputs (1 = none).
+
+    Shapes: as :class:`SegResNetBackbone` (``enc0`` … ``bottleneck`` … ``dec0``); inputs must be
+    divisible by ``2**(len(blocks_down) - 1)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        init_filters: int = 16,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        act: tuple | str = "relu",
+        norm: tuple | str = ("INSTANCE", {"affine": True}),
+        blocks_down: Sequence[int] = (1, 2, 2, 4),
+        blocks_up: Sequence[int] | None = None,
+        dsdepth: int = 3,
+        upsample_mode: str = "deconv",
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            init_filters=init_filters,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            act=act,
+            norm=norm,
+            blocks_down=tuple(blocks_down),
+            blocks_up=tuple(blocks_up) if blocks_up is not None else None,
+            dsdepth=dsdepth,
+            upsample_mode=upsample_mode,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.n_levels = len(tuple(blocks_down))
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        """``(name, channels, stride)`` of every tap, in the order of the features dict."""
+        n, f, d = self.n_levels, self.init_filters, self.spatial_dims
+        enc = [FeatureInfo("bottleneck" if i == n - 1 else f"enc{i}", f * 2**i, (2**i,) * d) for i in range(n)]
+        dec = [FeatureInfo(f"dec{i}", f * 2**i, (2**i,) * d) for i in range(n - 2, -1, -1)]
+        return enc + dec
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits (a list of ``dsdepth`` levels, full resolution first, in training), or ``(logits, features)``."""
+        if not return_features:
+            return super().forward(x)
+        if not self.is_valid_shape(x):
+            raise ValueError(f"Input spatial dims {x.shape} must be divisible by {self.shape_factor()}")
+        # MONAI's _forward with taps: the same ops in the same order, so logits are identical
+        x_down = self.encoder(x)
+        n = len(x_down)
+        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for i, t in enumerate(x_down):
+            feats["bottleneck" if i == n - 1 else f"enc{i}"] = t
+        skips = x_down[::-1][1:]
+        x = x_down[-1]
+        outputs: list[torch.Tensor] = []
+        for i, level in enumerate(self.up_layers):
+            x = level["upsample"](x)
+            x = x + skips[i]
+            x = level["blocks"](x)
+            feats[f"dec{n - 2 - i}"] = x
+            if len(self.up_layers) - i <= self.dsdepth:
+                outputs.append(level["head"](x))
+        outputs.reverse()
+        out = outputs[0] if (not self.training or len(outputs) == 1) else outputs
+        return out, feats
 
 
 def _nnunet_plan(n_levels: int, spatial_dims: int) -> tuple[list, list, list]:
@@ -274,10 +358,12 @@ def _ordered(n: int) -> list[str]:
 
 
 def build_backbone(name: str = "segresnet", **kwargs) -> SegResNetBackbone | DynUNetBackbone:
-    """Backbone by name (``"segresnet"`` or ``"dynunet"``), for configs."""
+    """Backbone by name (``"segresnet"``, ``"segresnetds"`` or ``"dynunet"``), for configs."""
     key = name.lower()
     if key == "segresnet":
         return SegResNetBackbone(**kwargs)
+    if key in ("segresnetds", "segresnet_ds"):
+        return SegResNetDSBackbone(**kwargs)
     if key == "dynunet":
         return DynUNetBackbone(**kwargs)
-    raise ValueError(f"unknown backbone {name!r}; choose segresnet or dynunet")
+    raise ValueError(f"unknown backbone {name!r}; choose segresnet, segresnetds or dynunet")
