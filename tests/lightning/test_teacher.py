@@ -99,7 +99,9 @@ def test_fit_logs_per_region_metrics(fitted):
     model, dm, trainer, _ = fitted
     for name in ["val/dice_WT", "val/dice_TC", "val/dice_ET", "val/dice_mean", "val/hd95_WT", "val/hd95_ET", "val/hd95_mean", "val/loss"]:
         assert name in trainer.callback_metrics, name
-    assert 0.0 <= float(trainer.callback_metrics["val/dice_mean"]) <= 1.0
+    # the mean over regions is the mean of the per-region means (not some other reduction)
+    regions = [float(trainer.callback_metrics[f"val/dice_{r}"]) for r in ("WT", "TC", "ET")]
+    assert float(trainer.callback_metrics["val/dice_mean"]) == pytest.approx(sum(regions) / 3, abs=1e-6)
     # per-case rows: one per validation case and region
     assert sorted({r["case_id"] for r in model.last_val_rows}) == sorted(dm.val_ids)
     assert len(model.last_val_rows) == 3 * len(dm.val_ids)
