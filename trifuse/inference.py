@@ -141,20 +141,30 @@ def prepare_case(case, margin_mm: float | None = None) -> dict:
     }
 
 
-def input_transforms(inputs, ct_model: str | None = None) -> list:
-    """Pixel-tier transforms that derive the model's non-MRI inputs from the MRI."""
+def input_transforms(inputs, ct_model: str | None = None, pixel_tier: dict | None = None) -> list:
+    """Pixel-tier transforms that derive the model's non-MRI inputs from the MRI.
+
+    Args:
+        inputs: the model's input keys.
+        ct_model: a fitted CT mixture file; overrides the checkpoint's.
+        pixel_tier: the checkpoint's ``trifuse.pixel_tier`` (records of the training
+            transforms: the fitted US mapper, the CT mixture, probe and head settings). Without
+            it (older checkpoints) the defaults are used, which a teacher trained with a fitted
+            mapper or mixture never saw.
+    """
+    from trifuse.physics.transforms import SimulateUltrasound, SynthesizeCT
+
+    pixel_tier = pixel_tier or {}
     out = []
     for k in inputs:
         if k == keys.MRI:
             continue
         if k == keys.US:
-            from trifuse.physics.transforms import SimulateUltrasound
-
-            out.append(SimulateUltrasound(seed=0))
+            rec = pixel_tier.get("SimulateUltrasound")
+            out.append(SimulateUltrasound.from_record(rec) if rec else SimulateUltrasound(seed=0))
         elif k == keys.CT:
-            from trifuse.physics.transforms import SynthesizeCT
-
-            out.append(SynthesizeCT(ct_model))
+            rec = pixel_tier.get("SynthesizeCT")
+            out.append(SynthesizeCT.from_record(rec) if rec and ct_model is None else SynthesizeCT(ct_model))
         else:
             raise ValueError(f"the model needs input {k!r}, which cannot be made from the four MRI files")
     return out
@@ -216,7 +226,7 @@ class Predictor:
         tta: average the logits of the 8 mirrorings (nnU-Net test-time mirroring).
         postprocess: apply the checkpoint's post-processing decision.
         overlap, sw_batch_size: sliding-window overrides (default: the model's).
-        ct_model: fitted CT mixture for a CT teacher (default: tissue-table CT).
+        ct_model: fitted CT mixture for a CT teacher (default: the one in the checkpoint's pixel tier, else the tissue table).
         spacing_tolerance: relative spacing difference above which a case is resampled *and*
             reported in the log (below it, the case is used at its own spacing).
         target_spacing: override of the training spacing (mm) recorded in the checkpoint.
@@ -251,7 +261,7 @@ class Predictor:
         self.target_spacing = [float(s) for s in spacing] if spacing else None
         self.spacing_tolerance = float(spacing_tolerance)
         self.decision = self.meta.get("postprocessing") or {}
-        self.transforms = input_transforms(model.inputs, ct_model)
+        self.transforms = input_transforms(model.inputs, ct_model, (getattr(model, "trifuse_meta", None) or {}).get("pixel_tier"))
         self.threshold = float(getattr(model, "threshold", 0.5))
 
     @classmethod

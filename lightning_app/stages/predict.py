@@ -139,7 +139,7 @@ def register(sub) -> None:
     s.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
     s.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
     s.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip them)")
-    s.add_argument("--ct-model", default=None, help="fitted CT mixture for a CT teacher (default: tissue-table CT)")
+    s.add_argument("--ct-model", default=None, help="fitted CT mixture for a CT teacher (default: the mixture the teacher was trained with, kept in its checkpoint)")
     s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time mirroring: average the 8 flips (default: on; --no-tta is ~8x faster)")
     s.add_argument("--describer", choices=("as-trained", "offline"), default="as-trained", help="student priors: the describer of the training priors (default; an OpenAI-trained student needs OPENAI_API_KEY), or offline descriptions instead (explicit choice, logged)")
     s.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True, help="apply the post-processing decided on validation and stored in the checkpoint (default: on)")

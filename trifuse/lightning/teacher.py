@@ -317,6 +317,9 @@ class TeacherModule(L.LightningModule):
         self.postprocessing_decision: dict = {}
         #: median voxel spacing (mm) of the training cases (saved in checkpoints; predict resamples to it)
         self.train_spacing: Optional[list[float]] = None
+        #: ``{transform name: record}`` of the data module's pixel-tier transforms at fit start
+        #: (:meth:`trifuse.physics.transforms.SimulateUltrasound.record`), kept in the checkpoint
+        self.pixel_tier: dict = {}
         #: per-region validation means of the last validation epoch (``dice_WT``, ``hd95_mean``, ...)
         self.last_val_summary: dict[str, float] = {}
         #: per-case rows ``{case_id, region, dice, hd95}`` of the last validation epoch (all ranks)
@@ -453,6 +456,14 @@ class TeacherModule(L.LightningModule):
         spacing = getattr(dm, "target_spacing", None) if dm is not None else None
         if spacing:
             self.train_spacing = [float(v) for v in spacing]
+        # the pixel tier as trained (fitted US mapper, CT mixture): prediction rebuilds it from the checkpoint
+        records = {}
+        for t in getattr(dm, "sample_transforms", None) or []:
+            rec = t.record() if callable(getattr(t, "record", None)) else None
+            if rec is not None:
+                records[rec["transform"]] = rec
+        if records:
+            self.pixel_tier = records
 
     # --- inference (LightningCLI predict) --------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
@@ -480,9 +491,11 @@ class TeacherModule(L.LightningModule):
             "roi_size": list(self.roi_size),
             "spacing": self.train_spacing,
             "postprocessing": self.postprocessing_decision,
+            "pixel_tier": self.pixel_tier,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("trifuse") or {}
         self.train_spacing = meta.get("spacing")
         self.postprocessing_decision = meta.get("postprocessing") or {}
+        self.pixel_tier = meta.get("pixel_tier") or {}

@@ -47,7 +47,7 @@ from trifuse import keys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairedCase", "read_paired_cases", "fit_ct_paired", "fit_us_paired", "save_us_mapper", "load_us_mapper",
+__all__ = ["PairedCase", "read_paired_cases", "fit_ct_paired", "fit_us_paired", "save_us_mapper", "load_us_mapper", "us_mapper_to_dict", "us_mapper_from_dict",
            "US_FORMAT", "US_VERSION", "ssim_l1_loss"]
 
 US_FORMAT = "trifuse.us_mapper"
@@ -341,15 +341,17 @@ def _atomic_torch_save(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
-def save_us_mapper(mapper: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write a fitted mapper as small versioned JSON (format :data:`US_FORMAT`), atomically."""
+def us_mapper_to_dict(mapper: nn.Module, meta: dict | None = None) -> dict:
+    """A fitted mapper as a plain dict (format :data:`US_FORMAT`): the content of the file
+    :func:`save_us_mapper` writes, also what a teacher checkpoint stores so that prediction
+    simulates with the mapper the teacher was trained on."""
     from trifuse.physics.acoustic import ImpedanceMapper
 
     if not isinstance(mapper, ImpedanceMapper):
         raise TypeError(f"only ImpedanceMapper is saved in {US_FORMAT} files, got {type(mapper).__name__}")
     from trifuse.physics.tissues import HEAD_TISSUES
 
-    d = {
+    return {
         "format": US_FORMAT,
         "version": US_VERSION,
         "mapper": "ImpedanceMapper",
@@ -357,8 +359,31 @@ def save_us_mapper(mapper: nn.Module, path: str | os.PathLike, meta: dict | None
                       "learn_scatter": mapper.learn_scatter},
         "tissues": list(HEAD_TISSUES),
         "state": {k: v.detach().cpu().double().tolist() for k, v in mapper.state_dict().items()},
-        "meta": dict(meta or {}),
+        "meta": dict(meta if meta is not None else getattr(mapper, "meta", {}) or {}),
     }
+
+
+def us_mapper_from_dict(d: dict, source: str = "<dict>") -> nn.Module:
+    """Inverse of :func:`us_mapper_to_dict`; validates format, version and state (errors name ``source``)."""
+    from trifuse.physics.acoustic import ImpedanceMapper
+
+    if d.get("format") != US_FORMAT:
+        raise ValueError(f"{source}: not a US mapper file (format={d.get('format')!r}, expected {US_FORMAT!r})")
+    if int(d.get("version", -1)) > US_VERSION:
+        raise ValueError(f"{source}: US mapper version {d.get('version')} is newer than supported {US_VERSION}")
+    m = ImpedanceMapper(**d.get("init_args", {}))
+    state = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["state"].items()}
+    try:
+        m.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: US mapper state does not fit ImpedanceMapper ({e})") from None
+    m.meta = dict(d.get("meta", {}))
+    return m
+
+
+def save_us_mapper(mapper: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write a fitted mapper as small versioned JSON (format :data:`US_FORMAT`), atomically."""
+    d = us_mapper_to_dict(mapper, meta={} if meta is None else meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -379,22 +404,9 @@ def load_us_mapper(path: str | os.PathLike) -> nn.Module:
         FileNotFoundError: no such file.
         ValueError: not a mapper file, a newer version, or inconsistent content.
     """
-    from trifuse.physics.acoustic import ImpedanceMapper
-
     path = Path(path)
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt US mapper file ({e})") from None
-    if d.get("format") != US_FORMAT:
-        raise ValueError(f"{path}: not a US mapper file (format={d.get('format')!r}, expected {US_FORMAT!r})")
-    if int(d.get("version", -1)) > US_VERSION:
-        raise ValueError(f"{path}: US mapper version {d.get('version')} is newer than supported {US_VERSION}")
-    m = ImpedanceMapper(**d.get("init_args", {}))
-    state = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["state"].items()}
-    try:
-        m.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: US mapper state does not fit ImpedanceMapper ({e})") from None
-    m.meta = dict(d.get("meta", {}))
-    return m
+    return us_mapper_from_dict(d, source=str(path))

@@ -337,6 +337,40 @@ class SimulateUltrasound(SampleTransform):
     def __repr__(self) -> str:
         return f"SimulateUltrasound(config={self.config}, seed={self.seed}, jitter_deg={self.jitter_deg}, jitter_mm={self.jitter_mm})"
 
+    # --- what a checkpoint keeps, so that prediction simulates as training did ----------------
+    def record(self) -> dict:
+        """The settings prediction must reproduce, as plain data (a teacher checkpoint stores it).
+
+        The fitted mapper's weights are stored inline (not its path), so a checkpoint moved to
+        another machine still simulates with the mapper its teacher was trained on. Training's
+        random probe jitter is not kept: prediction images the default probe of each case.
+        """
+        from trifuse.physics.paired import us_mapper_to_dict
+
+        mapper = self._resolved_mapper()
+        state = None
+        if mapper is not None:
+            try:
+                state = us_mapper_to_dict(mapper)
+            except TypeError:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "SimulateUltrasound: a %s mapper cannot be stored in a checkpoint; prediction will use the tissue table", type(mapper).__name__)
+        return {"transform": "SimulateUltrasound", "config": asdict(self.config), "head": asdict(self.head),
+                "seed": self.seed, "mapper": state,
+                "mapper_source": str(self._mapper_path) if self._mapper_path is not None else ("in-memory" if state else "table")}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "SimulateUltrasound":
+        """The prediction-time transform of :meth:`record`: same probe, head, mapper and seed, no jitter."""
+        from trifuse.physics.paired import us_mapper_from_dict
+
+        mapper = us_mapper_from_dict(rec["mapper"], source="checkpoint pixel_tier") if rec.get("mapper") else None
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["config"].items()}  # JSON/YAML lists
+        return cls(config=ProbeConfig(**config), mapper=mapper, head=HeadConfig(**rec["head"]),
+                   seed=0 if rec.get("seed") is None else int(rec["seed"]))
+
 
 class SynthesizeCT(SampleTransform):
     """Sample transform writing ``keys.CT``: (C, D, H, W) float32 in the windows of
@@ -458,3 +492,15 @@ class SynthesizeCT(SampleTransform):
 
     def __repr__(self) -> str:
         return f"SynthesizeCT(model={self._path or 'in-memory'}, mode={self.mode!r})"
+
+    def record(self) -> dict:
+        """The settings prediction must reproduce, as plain data: the mixture itself (inline),
+        the mode, head layers and seed (see :meth:`SimulateUltrasound.record`)."""
+        return {"transform": "SynthesizeCT", "model": self.model.to_dict(), "mode": self.mode, "head": asdict(self.head),
+                "seed": self.seed, "model_source": str(self._path) if self._path is not None else self.model.meta.get("form", "tissue_table")}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "SynthesizeCT":
+        """The prediction-time transform of :meth:`record`."""
+        return cls(CTMixtureModel.from_dict(rec["model"], source="checkpoint pixel_tier"), mode=rec.get("mode", "expectation"),
+                   head=HeadConfig(**rec["head"]), seed=rec.get("seed"))
