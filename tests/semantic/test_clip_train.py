@@ -103,3 +103,40 @@ def _tiny_clip(folder):
     CLIPModel(cfg).save_pretrained(folder)
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     return str(folder)
+
+
+def test_one_cycle_takes_any_number_of_steps():
+    """torch's OneCycleLR divides 0 by 0 when its warm-up ends at step 0 (10 steps at pct_start 0.1)."""
+    from trifuse.semantic.clip import one_cycle
+
+    for steps in range(1, 31):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-3)
+        sched = one_cycle(opt, 1e-3, steps)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert max(lrs) <= 1e-3 * (1 + 1e-6) and lrs[-1] < lrs[0] or steps == 1, (steps, lrs)
+
+
+def test_clip_stage_one_epoch_of_ten_batches_on_three_cases(tmp_path, monkeypatch):
+    """`trifuse clip --epochs 1` on a 3-case cohort: 81 training pairs in batches of 8 are the
+    10 steps at which the one-cycle schedule divided by zero ("float division by zero")."""
+    import json
+
+    from lightning_app.cli import main
+    from trifuse.synth import synthesize_cohort
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    data = tmp_path / "data" / "syn"
+    synthesize_cohort(data, 3, seed=1, layout=2021, size="tiny")
+    assert main(["describe", "--data", str(data), "--backend", "offline", "--no-progress"]) == 0
+    out = tmp_path / "clip"
+    assert main(["clip", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "32", "--width", "8", "--embed-dim", "32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train_pairs"] // 8 == 10 and len(metrics["loss_history"]) == 1  # the degenerate case was run
+    assert read_checkpoint(out / "clip.pt")["metrics"]["n_train_pairs"] == metrics["n_train_pairs"]

@@ -753,6 +753,20 @@ def evaluate_retrieval(model: DualEncoder, records, cache_dir: str | Path, ks: S
     return retrieval_metrics(img, txt, torch.tensor([index[r.text] for r in records]), ks)
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1):
+    """Torch's one-cycle schedule (cosine) over ``steps`` optimizer steps, for any ``steps``.
+
+    Torch's ``OneCycleLR`` ends its warm-up phase at step ``pct_start * steps - 1``; when that
+    is exactly 0 (10 steps at 0.1, e.g. ``--epochs 1`` of 10 batches) it divides 0 by 0. A
+    warm-up of one step peaks at step 0 anyway, so it is moved just before step 0, as any
+    shorter run has it.
+    """
+    if abs(pct_start * steps - 1.0) < 1e-9:
+        pct_start *= 1.0 - 1e-6
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start,
+                                               anneal_strategy="cos")
+
+
 def train_clip(cache_dir: str | Path, descriptions: Mapping[str, Any], case_ids: Sequence[str],
                config: ClipConfig | None = None, model: DualEncoder | None = None,
                progress: Callable[[str], None] | None = None) -> ClipResult:
@@ -800,9 +814,7 @@ def train_clip(cache_dir: str | Path, descriptions: Mapping[str, Any], case_ids:
     other = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("logit_scale")]
     opt = torch.optim.AdamW([{"params": other, "weight_decay": config.weight_decay},
                              {"params": scale_params, "weight_decay": 0.0}], lr=config.lr)
-    steps = max(1, config.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.1,
-                                                anneal_strategy="cos")
+    sched = one_cycle(opt, config.lr, max(1, config.epochs * len(loader)))
     history: list[float] = []
     for epoch in range(config.epochs):
         model.train()
