@@ -11,7 +11,7 @@ METRICS_NAME = "metrics.json"
 
 
 def run(args) -> int:
-    from trifuse.io.nifti import atomic_write_text
+    from trifuse.io.nifti import sweep_dead_temps
     from trifuse.semantic.clip import (ClipConfig, data_fingerprint, format_metrics, read_checkpoint, save_clip,
                                        train_clip)
     from trifuse.semantic.clip_data import default_clip_dir, default_descriptions_dir, resolve_cache
@@ -37,6 +37,7 @@ def run(args) -> int:
                         unfreeze_last=args.unfreeze_last, val_fraction=args.val_fraction, seed=args.seed,
                         device=args.device)
     out = Path(args.out) if args.out else default_clip_dir(args.data)
+    sweep_dead_temps(out)  # what a killed earlier run left half-written (never a live writer's temporaries)
     ckpt = out / CKPT_NAME
     fp = data_fingerprint(descriptions, case_ids, config, cache_dir)
     if ckpt.exists() and not args.force:
@@ -45,15 +46,30 @@ def run(args) -> int:
         except ValueError:
             old = None
         if old is not None and old.get("fingerprint") == fp:
+            # the metrics file follows the checkpoint: a run killed between the two writes left it stale or missing
+            _write_metrics(out / METRICS_NAME, old["metrics"], old.get("config") or config.__dict__)
             print(format_metrics(old["metrics"]))
             print(f"{ckpt} is up to date (same data and settings; --force to retrain)")
             return 0
     result = train_clip(cache_dir, descriptions, case_ids, config, progress=print)
     save_clip(ckpt, result.model, fingerprint=fp)
-    atomic_write_text(out / METRICS_NAME, json.dumps(result.metrics | {"config": config.__dict__}, indent=1, default=str))
+    _write_metrics(out / METRICS_NAME, result.metrics, config.__dict__)
     print(format_metrics(result.metrics))
     print(f"checkpoint {ckpt}; metrics {out / METRICS_NAME}")
     return 0
+
+
+def _write_metrics(path: Path, metrics: dict, config: dict) -> None:
+    """``metrics.json``: the checkpoint's metrics and the settings it was trained with (rewritten only when it differs)."""
+    from trifuse.io.nifti import atomic_write_text
+
+    text = json.dumps(metrics | {"config": config}, indent=1, default=str)
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
 
 
 def register(sub) -> None:

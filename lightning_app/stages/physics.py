@@ -63,6 +63,9 @@ def run_fit_ct(args) -> int:
 
 def _fit_ct_and_save(out: Path, key: dict, force: bool, fit, meta: dict) -> int:
     """Skip if ``out`` was fitted with ``key``; else fit, record the key, save and print the components."""
+    from trifuse.io.nifti import sweep_dead_temps
+
+    sweep_dead_temps(out.parent)  # what a killed earlier run left half-written (never a live writer's temporaries)
     if _up_to_date(out, key, force):
         print(f"CT mixture up to date: {out} (use --force to refit)")
         return 0

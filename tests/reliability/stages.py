@@ -20,8 +20,18 @@ N_CASES = 3
 SEED = 1
 
 
-def fit_overlay(path: Path, run_dir: Path, data: Path, cache: Path, max_epochs: int = 2) -> Path:
-    """The MRI teacher recipe shrunk to a few optimiser steps on the tiny cohort, CSV log only."""
+def fit_overlay(path: Path, run_dir: Path, data: Path, cache: Path, max_epochs: int = 2, fast: bool = False) -> Path:
+    """The MRI teacher recipe shrunk to a few optimiser steps on the tiny cohort, CSV log only.
+
+    ``fast``: the two 20×24×16 cases of the fast set as a plain BraTS folder (two folds, so one
+    case trains and one validates), one patch per step, two steps per epoch, a two-level net.
+    """
+    data_args = {
+        "data_dir": str(data), "cache_dir": str(cache), "n_cases": N_CASES, "cohort_seed": SEED, "size": "tiny",
+        "n_folds": 3, "patch_size": [16, 16, 16], "batch_size": 2, "num_workers": 0, "samples_per_epoch": 4,
+        "limit_val_cases": 1,
+    }
+    net = {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
     overlay = {
         "run_dir": str(run_dir),
         "trainer": {
@@ -33,15 +43,15 @@ def fit_overlay(path: Path, run_dir: Path, data: Path, cache: Path, max_epochs: 
             "log_every_n_steps": 1,
             "plugins": [{"class_path": "trifuse.lightning.checkpoint_io.AtomicCheckpointIO"}],
         },
-        "model": {"init_args": {"overlap": 0.25, "net": {"init_args": {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}}}},
-        "data": {
-            "init_args": {
-                "data_dir": str(data), "cache_dir": str(cache), "n_cases": N_CASES, "cohort_seed": SEED, "size": "tiny",
-                "n_folds": 3, "patch_size": [16, 16, 16], "batch_size": 2, "num_workers": 0, "samples_per_epoch": 4,
-                "limit_val_cases": 1,
-            }
-        },
+        "model": {"init_args": {"overlap": 0.25, "net": {"init_args": net}}},
+        "data": {"init_args": data_args},
     }
+    if fast:
+        for k in ("n_cases", "cohort_seed", "size"):
+            del data_args[k]
+        data_args.update(n_folds=2, batch_size=1, samples_per_epoch=2)
+        overlay["data"]["class_path"] = "trifuse.lightning.data.BratsDataModule"
+        net.update(blocks_down=[1, 1], blocks_up=[1])
     path.write_text(yaml.safe_dump(overlay))
     return path
 
@@ -68,10 +78,18 @@ class Stage:
     compared: str | None = None
     #: the stage rewrites finished per-case outputs on a rerun (identically, from its own cache)
     rewrites_finished: bool = False
+    #: folders (relative to the output) whose dead writers' temporaries a rerun sweeps
+    sweeps: tuple[str, ...] = ("",)
+
+
+#: the fast set's CLIP: one epoch of a narrow encoder on two tiny cases (seconds)
+FAST_CLIP = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--width", "8", "--embed-dim", "32"]
 
 
 def _fit_argv(ref, out):
-    overlay = fit_overlay(out.parent / f"{out.name}.overlay.yaml", out, ref["data"], ref["cache"])
+    fast = bool(ref.get("fast"))  # the fast set's data is not a synthetic cohort: its own cache per run
+    cache = out.parent / f"{out.name}.cache" if fast else ref["cache"]
+    overlay = fit_overlay(out.parent / f"{out.name}.overlay.yaml", out, ref["data"], cache, fast=fast)
     return ["fit", "-c", str(CFG / "trainer" / "cpu.yaml"), "-c", str(CFG / "data" / "synthetic.yaml"),
             "-c", str(CFG / "teacher_mri.yaml"), "-c", str(overlay), "--ckpt_path=last"]
 
@@ -89,16 +107,18 @@ STAGES = {
                                         "offline", "--no-progress", "--out", str(o)],
               volatile=("describe_summary.json", "cache/*.json", "describe_manifest.json"),
               rewritten=("describe_summary.json", "describe_manifest.json"), per_case="BraTS2021_*.json",
-              rewrites_finished=True),
+              rewrites_finished=True, sweeps=("", "cache", "failures")),
         Stage("clip", lambda r, o: ["clip", "--data", str(r["data"]), "--cache", str(r["cache"]), "--descriptions",
-                                    str(r["desc"]), "--out", str(o), "--epochs", "3", "--batch-size", "8"],
+                                    str(r["desc"]), "--out", str(o),
+                                    *(FAST_CLIP if r.get("fast") else ["--epochs", "3", "--batch-size", "8"])],
               deterministic=False),  # CPU training is not bit-reproducible run to run here (clip.pt bytes differ)
         Stage("semantic", lambda r, o: ["semantic", "--data", str(r["data"]), "--cache", str(r["cache"]), "--descriptions",
                                         str(r["desc"]), "--clip", str(r["clip"] / "clip.pt"), "--out", str(o),
                                         "--slice-step", "4"],
               volatile=("priors_summary.json",), rewritten=("priors_summary.json",),
               per_case="BraTS2021_*.npz"),
-        Stage("fit", _fit_argv, deterministic=False, per_case="checkpoints/*.ckpt", compared="checkpoints/*"),
+        Stage("fit", _fit_argv, deterministic=False, per_case="checkpoints/*.ckpt", compared="checkpoints/*",
+              sweeps=("checkpoints", "media")),
         Stage("predict", lambda r, o: ["predict", "--ckpt", str(r["ckpt"]), "--input", str(r["data"]), "--output", str(o),
                                        "--device", "cpu", "--no-tta"],
               per_case="BraTS2021_*.nii.gz"),
@@ -109,17 +129,24 @@ STAGES = {
 
 def build_fast_inputs(root: Path) -> dict:
     """Inputs of the fast kill tests, made in-process in seconds: two 20×24×16 cases, their cache,
-    offline descriptions, a constant-output teacher checkpoint and its predictions."""
+    offline descriptions, a one-epoch CLIP, a constant-output teacher checkpoint and its predictions.
+
+    ``snapshot`` holds a copy of each of these stage outputs as it was written: the fast tests
+    compare a killed-and-rerun stage with it instead of running the stage uninterrupted again.
+    """
     from tests.app.test_predict_evaluate import constant_model_ckpt
     from tests.conftest import write_tiny_case
 
     root = Path(root)
-    r = {"root": root, "n": 1, "data": root / "data", "cache": root / "cache", "desc": root / "desc", "pred": root / "pred"}
+    r = {"root": root, "n": 1, "fast": True, "data": root / "data", "cache": root / "cache", "desc": root / "desc",
+         "clip": root / "clip", "pred": root / "pred", "snapshot": {}}
     for i in range(2):
         write_tiny_case(r["data"], 2021, i)
     r["ckpt"] = Path(constant_model_ckpt(root / "m.ckpt", (9.0, -9.0, 9.0)))
-    for name, key in (("preprocess", "cache"), ("describe", "desc"), ("predict", "pred")):
+    for name, key in (("preprocess", "cache"), ("describe", "desc"), ("clip", "clip"), ("predict", "pred")):
         assert main(STAGES[name].argv(r, r[key])) == 0, f"fast input {name} failed"
+        r["snapshot"][name] = root / "snapshot" / name
+        shutil.copytree(r[key], r["snapshot"][name], symlinks=True)
     return r
 
 

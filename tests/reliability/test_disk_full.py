@@ -1,33 +1,62 @@
 """A stage that runs out of disk space fails with a one-line message naming the folder and
 leaves no partial output: on a real size-limited tmpfs folder where the machine lets us
-mount one (root), and always with ENOSPC simulated at the write call."""
+mount one (root), and always with ENOSPC simulated at the write call. Covered: preprocess,
+evaluate, describe, physics fit-ct, Lightning checkpoints (`trifuse fit`) and the atomic writers."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_app.cli import main
 from trifuse.io import cache as cache_mod
 from trifuse.io import nifti as nifti_mod
 
 
+def mount_tmpfs(d, size: str = "40k") -> str | None:
+    """Mount a ``size`` tmpfs on folder ``d``; the reason why not, where mounting is not allowed."""
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cannot run mount"
+    return None if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.decode().strip()}"
+
+
+def umount(d) -> None:
+    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=20)
+
+
 @pytest.fixture
 def small_folder(tmp_path):
     """A 40 KiB tmpfs folder, or skip where mounting is not allowed."""
     d = tmp_path / "small"
-    d.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(d)], capture_output=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        pytest.skip("cannot run mount")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    why = mount_tmpfs(d)
+    if why:
+        pytest.skip(why)
     yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=20)
+    umount(d)
+
+
+def _fill(folder, leave: int = 512) -> None:
+    """Fill a 40 KiB tmpfs but ``leave`` bytes: less than the page any new file needs."""
+    (folder / "filler").write_bytes(b"\0" * (40 * 1024 - leave))
+
+
+def _last_err(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _files(folder) -> list[str]:
+    """Every file (not folder) under ``folder``, hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
 def _visible(folder):
@@ -53,7 +82,7 @@ def test_evaluate_on_a_full_tmpfs(tiny_dataset, small_folder, tmp_path, capsys):
     rec = next(data.iterdir())
     seg = nib.load(str(rec / f"{rec.name}_seg.nii.gz"))
     nib.save(seg, str(pred / f"{rec.name}.nii.gz"))
-    (small_folder / "filler").write_bytes(b"\0" * (40 * 1024 - 512))  # leave less than a page
+    _fill(small_folder)
     out = small_folder / "eval"
     rc = main(["evaluate", "--pred", str(pred), "--data", str(data), "--out", str(out)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -104,3 +133,158 @@ def test_atomic_writers_simulated_enospc(tmp_path, monkeypatch, writer):
     with pytest.raises(nifti_mod.OutOfSpaceError, match=rf"^{dest.parent}: no space left on device while writing {dest.name}"):
         call()
     assert list(dest.parent.iterdir()) == []
+
+
+# --- describe, physics fit-ct and Lightning checkpoints ------------------------------------------
+def _cached(tiny_dataset, tmp_path):
+    data = tiny_dataset(2021, 2)
+    cache = tmp_path / "cache"
+    assert main(["preprocess", "--data", str(data), "--cache", str(cache)]) == 0
+    return data, cache
+
+
+def _describe(data, cache, out) -> int:
+    return main(["describe", "--data", str(data), "--cache", str(cache), "--backend", "offline", "--no-progress",
+                 "--out", str(out)])
+
+
+def _full_when_writing(prefix: str):
+    """An ``os.fsync`` that fails with ENOSPC when the file is a temporary of a ``prefix…`` file."""
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{prefix}"):
+            _enospc()
+        return real(fd)
+
+    return fsync
+
+
+def test_describe_on_a_full_tmpfs(tiny_dataset, small_folder, tmp_path, capsys):
+    data, cache = _cached(tiny_dataset, tmp_path)
+    _fill(small_folder)
+    out = small_folder / "desc"
+    assert _describe(data, cache, out) == 1
+    last = _last_err(capsys)
+    assert re.match(rf"trifuse describe: error: {re.escape(str(out / 'cache'))}: no space left on device while writing "
+                    r"[0-9a-f]{64}\.json \(No space left on device\); nothing partial was kept", last), last
+    assert _files(out) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the file of a descriptor through /proc")
+def test_describe_simulated_enospc_at_a_case_file(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The disk fills up when the first case file is written: the stage names the output folder; the
+    view descriptions already cached are complete files (a rerun reuses them), no case file is partial."""
+    data, cache = _cached(tiny_dataset, tmp_path)
+    out = tmp_path / "desc"
+    monkeypatch.setattr(nifti_mod.os, "fsync", _full_when_writing("BraTS2021_"))
+    assert _describe(data, cache, out) == 1
+    assert _last_err(capsys).startswith(f"trifuse describe: error: {out}: no space left on device while writing "
+                                        "BraTS2021_00000.json")
+    files = _files(out)
+    assert files and all(f.startswith("cache/") and not Path(f).name.startswith(".") for f in files), files
+    for f in files:
+        json.loads((out / f).read_text())
+    monkeypatch.undo()
+    assert _describe(data, cache, out) == 0
+    assert "cached 3" in capsys.readouterr().out  # the first case's three views were kept, not asked again
+
+
+def _fit_ct(data, cache, out, components=3) -> int:
+    return main(["physics", "fit-ct", "--data", str(data), "--cache", str(cache), "--out", str(out),
+                 "--components", str(components), "--max-voxels", "20000"])
+
+
+def test_fit_ct_on_a_full_tmpfs(tiny_dataset, small_folder, tmp_path, capsys):
+    data, cache = _cached(tiny_dataset, tmp_path)
+    _fill(small_folder)
+    out = small_folder / "ct" / "ct_mixture.json"
+    assert _fit_ct(data, cache, out) == 1
+    assert _last_err(capsys).startswith(f"trifuse physics: error: {out.parent}: no space left on device while "
+                                        "writing ct_mixture.json")
+    assert _files(out.parent) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the file of a descriptor through /proc")
+def test_fit_ct_simulated_enospc_keeps_the_previous_model(tiny_dataset, tmp_path, monkeypatch, capsys):
+    data, cache = _cached(tiny_dataset, tmp_path)
+    out = tmp_path / "ct" / "ct_mixture.json"
+    assert _fit_ct(data, cache, out) == 0
+    before = out.read_bytes()
+    monkeypatch.setattr(nifti_mod.os, "fsync", _full_when_writing("ct_mixture.json"))
+    assert _fit_ct(data, cache, out, components=2) == 1  # another setting: a refit, whose save finds the disk full
+    assert _last_err(capsys) == (
+        f"trifuse physics: error: {out.parent}: no space left on device while writing ct_mixture.json "
+        "(No space left on device); nothing partial was kept: free space there or write elsewhere")
+    assert out.read_bytes() == before and _files(out.parent) == ["ct_mixture.json"]
+
+
+def test_atomic_checkpoint_io_simulated_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from trifuse.lightning.checkpoint_io import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_.save_checkpoint({"global_step": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(nifti_mod.os, "fsync", _enospc)
+    with pytest.raises(nifti_mod.OutOfSpaceError, match=rf"^{path.parent}: no space left on device while writing last\.ckpt"):
+        io_.save_checkpoint({"global_step": 2}, path)
+    assert path.read_bytes() == before and _files(path.parent) == ["last.ckpt"]
+
+
+class _SmallDisk:
+    """A binary file on a disk with ``room`` bytes left: a write past it fails with ENOSPC."""
+
+    def __init__(self, fh, room: int) -> None:
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            _enospc()
+        self.room -= n
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "simulated"])
+def test_fit_checkpoint_out_of_space_names_the_folder(disk, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """`trifuse fit` whose checkpoint folder fills up (a 200 KiB tmpfs under a ~340 KB checkpoint,
+    or a checkpoint file whose writes fail with ENOSPC after 64 KiB) fails with the folder's name
+    and leaves no checkpoint, partial or temporary. (torch.save reports a failed write as
+    "unexpected pos": the writer must still name the full disk.)"""
+    import builtins
+
+    from tests.reliability.stages import CFG, fit_overlay
+    from trifuse.lightning import checkpoint_io
+
+    data = tiny_dataset(2021, 2)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    if disk == "tmpfs":
+        why = mount_tmpfs(ckpts, "200k")
+        if why:
+            pytest.skip(why)
+    else:
+        monkeypatch.setattr(checkpoint_io, "open", lambda f, mode="r", *a, **k:
+                            _SmallDisk(builtins.open(f, mode, *a, **k), 64 * 1024), raising=False)
+    try:
+        monkeypatch.chdir(tmp_path)
+        overlay = fit_overlay(tmp_path / "overlay.yaml", run, data, tmp_path / "cache", max_epochs=1, fast=True)
+        rc = main(["fit", "-c", str(CFG / "trainer" / "cpu.yaml"), "-c", str(CFG / "data" / "synthetic.yaml"),
+                   "-c", str(CFG / "teacher_mri.yaml"), "-c", str(overlay)])
+        last = _last_err(capsys)
+        left = _files(ckpts)
+    finally:
+        if disk == "tmpfs":
+            umount(ckpts)
+    assert rc == 1 and last.startswith(f"trifuse fit: error: {ckpts}: no space left on device while writing best.ckpt"), last
+    assert left == []

@@ -173,11 +173,42 @@ def sweep_dead_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path`` (same folder, so ``os.replace`` is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+def atomic_path(path: Path, suffix: str | None = None) -> Path:
+    """A temporary sibling of ``path`` (same folder, so ``os.replace`` is atomic), tagged with
+    this writer (:func:`temp_prefix`).
+
+    ``suffix`` defaults to ``.tmp`` plus ``path``'s own suffixes (``.tmp.nii.gz``: writers that
+    pick the format from the name, such as nibabel, see the right one); pass ``".tmp"`` where a
+    reader may glob the final suffix (``*.json``, ``*.ckpt``) and must not see the temporary.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name),
+                               suffix=".tmp" + "".join(path.suffixes) if suffix is None else suffix, dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike, what: str = "", suffix: str | None = None):
+    """Write ``path`` atomically: yield a tagged temporary sibling (:func:`atomic_path`) to write,
+    then ``os.replace`` it onto ``path``.
+
+    The block writes the temporary completely (and fsyncs it where it can). On an error
+    nothing remains but the previous ``path``; after a kill the temporary remains, hidden and
+    never read, until the next run sweeps it (:func:`sweep_dead_temps`). A full disk raises
+    :class:`OutOfSpaceError` naming ``path``'s folder (``what`` says what was being written,
+    default the file name).
+    """
+    path = Path(path)
+    with disk_full_names(path.parent, what or path.name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(path, suffix)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
@@ -200,32 +231,19 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
         img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) or 1)
         # scaling from the source (e.g. float MRI) must not apply to labels
         img.header.set_slope_inter(1.0, 0.0)
-    with disk_full_names(path.parent, path.name):
-        tmp = atomic_path(path)
-        try:
-            nib.save(img, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    with atomic_target(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write bytes atomically (temp file in the same folder + ``os.replace``)."""
+    """Write bytes atomically (writer-tagged temp file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with disk_full_names(path.parent, path.name):
-        tmp = atomic_path(path)
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    # ``.tmp``, not ``.tmp.json``: a reader globbing ``*.json`` / ``*.npz`` never sees a temporary
+    with atomic_target(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 

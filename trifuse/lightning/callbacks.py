@@ -8,7 +8,6 @@ previous epoch.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import lightning as L
@@ -122,6 +121,8 @@ def _save_png(path: Path, rgb) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.image as mpimg
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    mpimg.imsave(tmp, rgb)
-    os.replace(tmp, path)
+    from trifuse.io.nifti import atomic_target, sweep_dead_temps
+
+    sweep_dead_temps(path.parent)  # PNGs a killed run left half-written
+    with atomic_target(path) as tmp:  # writer-tagged ``.<name>.~pid@host~.<random>.tmp.png``
+        mpimg.imsave(tmp, rgb)

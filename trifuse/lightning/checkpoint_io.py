@@ -10,36 +10,63 @@ open a truncated ``best.ckpt``. Here the temporary file is created next to the t
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from trifuse.io.nifti import atomic_target, sweep_dead_temps
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through ``.<name>.<random>.tmp`` in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """``torch.save(obj, path)`` through a writer-tagged ``.<name>.~<pid>@<host>~.<random>.tmp`` in the
+    same folder, fsync, rename.
+
+    The temporary never ends in ``.ckpt`` (a reader globbing ``*.ckpt`` never picks it up); a
+    full disk raises :class:`~trifuse.io.nifti.OutOfSpaceError` naming the folder, and nothing
+    partial remains.
+    """
+    with atomic_target(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        out = _WriteErrors(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:  # torch's zip writer reports a failed write as "unexpected pos ..."
+                raise out.error from None
+            raise
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class _WriteErrors:
+    """A binary file that remembers the ``OSError`` of a failed write (``ENOSPC``: a full disk).
+
+    ``torch.save`` turns an exception raised by its file's ``write`` into a ``RuntimeError``
+    about a position mismatch; this keeps the original, so the caller can name the cause.
+    """
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` plugin: local checkpoints are written atomically (see module doc).
 
+    The first local save also removes the temporaries a killed earlier run left in the
+    checkpoint folder. A full disk fails the run with a message naming the folder.
     Remote URLs (``s3://`` …) keep Lightning's own path. Use it in a trainer config::
 
         trainer:
@@ -47,9 +74,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             - class_path: trifuse.lightning.checkpoint_io.AtomicCheckpointIO
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()  #: checkpoint folders already cleaned of a killed run's temporaries
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        if Path(path).parent not in self._swept:  # a killed run's temporaries (never a live writer's)
+            sweep_dead_temps(Path(path).parent)
+            self._swept.add(Path(path).parent)
         atomic_torch_save(checkpoint, path)

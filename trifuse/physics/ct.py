@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -39,6 +38,7 @@ from typing import Iterable, Sequence
 import torch
 
 from trifuse import keys
+from trifuse.io.nifti import atomic_write_text
 from trifuse.physics.tissues import (
     DEFAULT_TISSUE_MODEL,
     TISSUES,
@@ -489,21 +489,9 @@ class CTMixtureModel:
         return model
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as small versioned JSON, atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write the model as small versioned JSON, atomically (writer-tagged temp file + rename;
+        a full disk raises :class:`~trifuse.io.nifti.OutOfSpaceError` naming the folder)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CTMixtureModel":

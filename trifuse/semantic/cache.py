@@ -9,8 +9,10 @@ Layout under a describe output folder ``OUT``::
 ``key = sha256(json([case_id, view, image_hash, model, prompt_version, request_params]))``:
 a new image, model, prompt text or request setting gives a new key, the same ones give
 a cache hit. Writes are
-atomic (temporary file in the same folder, fsync, ``os.replace``), so an interrupted
-run leaves either the old file or the new one, and the next run resumes.
+atomic (writer-tagged temporary file in the same folder, fsync, ``os.replace``), so an
+interrupted run leaves either the old file or the new one, and the next run resumes (and
+sweeps the temporaries a killed run left, :func:`sweep_dead_temps`); a full disk fails with a
+message naming the folder.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from trifuse.io.nifti import atomic_write_text, sweep_dead_temps
 from trifuse.semantic.schema import ViewDescription
 
 log = logging.getLogger(__name__)
@@ -45,27 +47,9 @@ def cache_key(case_id: str, view: str, image_hash: str, model: str, prompt_versi
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """JSON-serialise ``obj`` (sorted keys, indented) and write it atomically."""
+    """JSON-serialise ``obj`` (sorted keys, indented) and write it atomically
+    (:func:`trifuse.io.nifti.atomic_write_text`: a writer-tagged temporary that a rerun sweeps)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
@@ -85,6 +69,11 @@ class DescriptionCache:
         self.entries = self.root / "cache"
         self.failure_dir = self.root / "failures"
         self.report_path = self.root / "failures.jsonl"
+
+    def sweep(self) -> None:
+        """Remove the temporaries killed writers left in the output folder and its cache/failure folders."""
+        for folder in (self.root, self.entries, self.failure_dir):
+            sweep_dead_temps(folder)
 
     # -- successes --------------------------------------------------------------------
     def path(self, key: str) -> Path:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from trifuse import keys
+from trifuse.io.nifti import sweep_dead_temps
 from trifuse.semantic.backend import API_KEY_ENV, FATAL_KINDS, DescribeError, Describer, redact
 from trifuse.semantic.cache import DescriptionCache, atomic_write_json, cache_key, now_iso
 from trifuse.semantic.provenance import (DescriberMismatchError, describer_identity, description_identity,  # noqa: F401
@@ -737,6 +738,9 @@ async def describe_cases_async(samples: Iterable[Mapping[str, Any]], backend: st
         bar = tqdm(total=total, desc="describe" + (" (dry run)" if dry_run else ""), unit="case", dynamic_ncols=True)
     run = _Run(describer, out, tuple(views), dry_run, breaker_threshold=breaker_threshold,
                max_refusals=max_refusals, retry_refused=retry_refused, progress=bar)
+    if not dry_run:  # what a killed earlier run left half-written (never a live writer's temporaries)
+        run.cache.sweep()
+        sweep_dead_temps(out / BATCH_DIR)
     # enough cases in flight to keep `concurrency` requests busy while the next
     # sample loads, but bounded so a large cohort is never all in memory
     limit = max_pending_cases or max(2, 2 * concurrency // max(1, len(views)) + 1)

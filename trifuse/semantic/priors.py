@@ -340,12 +340,13 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
     """
     from trifuse.io.cache import load_sample, read_meta
     from trifuse.io.manifest import read_manifest
-    from trifuse.io.nifti import atomic_write_text
+    from trifuse.io.nifti import atomic_write_text, sweep_dead_temps
     from trifuse.semantic.clip import file_sha256, load_clip
 
     config = config or PriorConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temps(out)  # what a killed earlier run left half-written (never a live writer's temporaries)
     if case_ids is None:
         case_ids = [c["case_id"] for c in read_manifest(cache_dir)["cases"]]
     missing = [c for c in case_ids if c not in descriptions]
