@@ -1,6 +1,7 @@
 """Shared fixtures: tiny BraTS-layout folders written on the fly (never the network)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,17 @@ from trifuse.io.labels import convention
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread inside the block: on a shared 2-core machine, 2-thread OpenMP kernels spin and run far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def write_tiny_case(
