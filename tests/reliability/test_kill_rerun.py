@@ -124,7 +124,8 @@ def test_kill_at_first_write_then_rerun(name, reference_pipeline, tmp_path, monk
 def test_fit_killed_at_first_checkpoint_write_resumes(reference_pipeline, tmp_path, monkeypatch):
     """fit: killed while its first checkpoint is being written, `--ckpt_path=last` reruns to the
     same checkpoints as the uninterrupted run (same files and steps; weights differ run to run)."""
-    info = kill_and_rerun("fit", reference_pipeline, tmp_path, monkeypatch)
+    in_checkpoints = lambda paths: first_temp([p for p in paths if p.parent.name == "checkpoints"])  # noqa: E731
+    info = kill_and_rerun("fit", reference_pipeline, tmp_path, monkeypatch, when=in_checkpoints)
     assert_same_checkpoints(info["out"], reference_pipeline["run"])
 
 
