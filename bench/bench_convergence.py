@@ -74,14 +74,19 @@ def held_out_samples(cache: Path) -> list[dict]:
 
 
 # --- evaluation -----------------------------------------------------------------------------
+def model_input(s: dict, inputs=(keys.MRI,)) -> torch.Tensor:
+    """(1, C, D, H, W) network input of a whole held-out sample (its pixel tier already applied)."""
+    return torch.cat([s[k].float()[None] for k in inputs], dim=1)
+
+
 @torch.no_grad()
-def score(predict_fn, samples: list[dict], decision: dict | None = None) -> dict:
-    """BraTS Dice/HD95 means of ``predict_fn(mri (1,4,D,H,W)) -> logits`` over held-out samples."""
+def score(predict_fn, samples: list[dict], decision: dict | None = None, inputs=(keys.MRI,)) -> dict:
+    """BraTS Dice/HD95 means of ``predict_fn(input (1,C,D,H,W)) -> logits`` over held-out samples."""
     from trifuse.postprocess import apply_postprocessing
 
     metrics = BratsRegionMetrics(hd95=True)
     for s in samples:
-        logits = predict_fn(s[keys.MRI].float()[None])
+        logits = predict_fn(model_input(s, inputs))
         pred = torch.sigmoid(logits.float())[0] > 0.5
         if decision:
             pred = apply_postprocessing(pred, decision, s[keys.META]["spacing"])
@@ -93,8 +98,9 @@ def score(predict_fn, samples: list[dict], decision: dict | None = None) -> dict
 class HeldOutEval(L.Callback):
     """Scores the module on the held-out cohort after the optimizer steps in ``at_steps``."""
 
-    def __init__(self, name: str, at_steps, samples, predict_fn_of, with_post: bool = False, val_cases=None):
+    def __init__(self, name: str, at_steps, samples, predict_fn_of, with_post: bool = False, val_cases=None, inputs=(keys.MRI,)):
         self.name, self.at = name, sorted(int(s) for s in at_steps)
+        self.inputs = tuple(inputs)
         self.samples, self.predict_fn_of = samples, predict_fn_of
         self.with_post, self.val_cases = with_post, val_cases or []
         self.rows: list[dict] = []
@@ -112,7 +118,7 @@ class HeldOutEval(L.Callback):
         was = pl_module.training
         pl_module.eval()
         fn = self.predict_fn_of(pl_module)
-        row = {"recipe": self.name, "steps": step, "train_s": round(self.train_s, 1), **score(fn, self.samples)}
+        row = {"recipe": self.name, "steps": step, "train_s": round(self.train_s, 1), **score(fn, self.samples, inputs=self.inputs)}
         self.rows.append(row)
         print(f"[{self.name}] step {step}: dice WT {row['dice_WT']:.3f} TC {row['dice_TC']:.3f} ET {row['dice_ET']:.3f} mean {row['dice_mean']:.3f}", flush=True)
         if self.with_post and self.val_cases:
@@ -121,15 +127,69 @@ class HeldOutEval(L.Callback):
             search = PostprocessingSearch()
             with torch.no_grad():
                 for s in self.val_cases:
-                    p = torch.sigmoid(fn(s[keys.MRI].float()[None]).float())[0] > 0.5
+                    p = torch.sigmoid(fn(model_input(s, self.inputs)).float())[0] > 0.5
                     search.update(p, s[keys.LABEL], s[keys.META]["spacing"])
             decision = search.decide()
-            prow = {"recipe": self.name + "+pp", "steps": step, "train_s": round(self.train_s, 1), **score(fn, self.samples, decision)}
+            prow = {"recipe": self.name + "+pp", "steps": step, "train_s": round(self.train_s, 1),
+                    **score(fn, self.samples, decision, inputs=self.inputs)}
             prow["decision"] = {"min_component_mm3": decision["min_component_mm3"], "et_min_mm3": decision["et_min_mm3"]}
             self.rows.append(prow)
             print(f"[{self.name}+pp] step {step}: dice mean {prow['dice_mean']:.3f} (ET {prow['dice_ET']:.3f}); {prow['decision']}", flush=True)
         pl_module.train(was)
         self.t0 = time.perf_counter()
+
+
+# --- the pixel tier, as the US/CT teachers see it ----------------------------------------------
+def pixel_transforms(modality: str, pixel: str) -> list:
+    """The teacher's input transform: ``pixel="case"`` is the current pixel tier (US simulated
+    in the frame of the whole cached case, CT in two windows); ``pixel="patch"`` reproduces the
+    pixel tier before issue 11 for a before/after comparison on the same budget:
+
+    * US: the probe is placed and the rays cast inside the training patch alone (the patch
+      loses its case frame), as ``SimulateUltrasound`` did per patch;
+    * CT: one channel, HU/1000 clipped to [-1, 1] (the old encoding), recovered exactly from
+      the bone window (-1000..2200 HU, linear) and clipped as the old code did.
+    Held-out cases are whole cases either way, as prediction sees them.
+    """
+    from trifuse.physics.transforms import CASE_FRAME, SimulateUltrasound, SynthesizeCT
+
+    if modality == keys.MRI:
+        return []
+    if modality == keys.US:
+        if pixel == "case":
+            return [SimulateUltrasound(mapper="auto", seed=0, jitter_deg=10.0, jitter_mm=5.0)]
+
+        class PatchFrameUS(SimulateUltrasound):
+            def __call__(self, data, generator=None):
+                data[keys.META].pop(CASE_FRAME, None)  # per-patch probe placement and rays
+                return super().__call__(data, generator)
+
+        return [PatchFrameUS(mapper="auto", seed=0, jitter_deg=10.0, jitter_mm=5.0)]
+    if pixel == "case":
+        return [SynthesizeCT("auto")]
+    bone = [w[0] for w in keys.CT_WINDOWS].index("bone")
+    _, lo, hi = keys.CT_WINDOWS[bone]
+
+    class OneChannelCT(SynthesizeCT):
+        def __call__(self, data, generator=None):
+            d = super().__call__(data, generator)
+            hu = lo + (hi - lo) * d[keys.CT].narrow(-4, bone, 1)  # channel axis of (C,D,H,W) or (B,C,D,H,W)
+            d[keys.CT] = (hu / 1000.0).clamp(-1.0, 1.0)
+            return d
+
+    return [OneChannelCT("auto")]
+
+
+def with_pixel_tier(samples: list[dict], transforms, cache: Path) -> list[dict]:
+    """Whole-case samples with the teacher's input made as prediction makes it."""
+    out = []
+    for s in samples:
+        for t in transforms:
+            if hasattr(t, "bind_dataset"):
+                t.bind_dataset(cache, cache)
+            s = t(s, torch.Generator().manual_seed(0))
+        out.append(s)
+    return out
 
 
 # --- our recipe --------------------------------------------------------------------------------
@@ -151,11 +211,17 @@ def ours(args, train_cache: Path, samples, val_samples, out: Path) -> list[dict]
         class_ratios=[1.0, 1.0, 1.0, 1.0],
         augment="nnunet",
         seed=0,
+        sample_transforms=pixel_transforms(args.modality, args.pixel),
     )
     dm.prepare_data = lambda: None  # the cache is written by make_cohorts
-    net = SegResNetDSBackbone(in_channels=4, out_channels=3, init_filters=args.filters, dsdepth=3)
+    channels = {keys.MRI: 4, keys.US: 1, keys.CT: keys.CT_CHANNELS if args.pixel == "case" else 1}[args.modality]
+    if args.modality == keys.CT and args.pixel == "patch":  # the old 1-channel CT: the teacher's channel check follows it
+        from trifuse.lightning import teacher as teacher_mod
+
+        teacher_mod.INPUT_CHANNELS = {**teacher_mod.INPUT_CHANNELS, keys.CT: 1}
+    net = SegResNetDSBackbone(in_channels=channels, out_channels=3, init_filters=args.filters, dsdepth=3)
     model = TeacherModule(
-        modality="mri",
+        modality=args.modality,
         net=net,
         criterion=RegionDiceBCELoss(batch=True, ds_weights="exp"),
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4),
@@ -165,7 +231,7 @@ def ours(args, train_cache: Path, samples, val_samples, out: Path) -> list[dict]
         overlap=0.5,
         keep_val_example=False,
     )
-    cb = HeldOutEval("ours", args.steps, samples, lambda m: m.infer, with_post=True, val_cases=val_samples)
+    cb = HeldOutEval("ours", args.steps, samples, lambda m: m.infer, with_post=True, val_cases=val_samples, inputs=model.inputs)
     trainer = L.Trainer(
         max_steps=max(args.steps), accelerator="cpu", devices=1, precision="32-true", logger=False,
         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb],
@@ -332,7 +398,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", default="ours,monai")
+    ap.add_argument("--modality", choices=[keys.MRI, keys.US, keys.CT], default=keys.MRI,
+                    help="which teacher our recipe trains (us/ct: their pixel tier on the fly; MONAI's recipe is MRI only)")
+    ap.add_argument("--pixel", choices=["case", "patch"], default="case",
+                    help="us/ct: the current pixel tier (case) or the one before issue 11 (patch: per-patch US, 1-channel CT)")
     args = ap.parse_args(argv)
+    if args.modality != keys.MRI and "monai" in args.recipes.split(","):
+        ap.error("--recipes monai trains on MRI only: use --recipes ours with --modality us/ct")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,9 +414,12 @@ def main(argv=None) -> int:
     samples = held_out_samples(test_cache)
     val_ids = read_manifest(train_cache)["folds"]["splits"][0]["val"]
     val_samples = [cache_mod.load_sample(train_cache, c) for c in val_ids]
+    if args.modality != keys.MRI:
+        samples = with_pixel_tier(samples, pixel_transforms(args.modality, args.pixel), test_cache)
+        val_samples = with_pixel_tier(val_samples, pixel_transforms(args.modality, args.pixel), train_cache)
     print(f"cohorts ready in {time.perf_counter() - t0:.0f} s: {len(read_manifest(train_cache)['folds']['splits'][0]['train'])} training, "
           f"{len(val_ids)} validation (post-processing), {len(samples)} held-out cases; patch {args.patch}^3, batch {args.batch}, "
-          f"{args.filters} filters, steps {args.steps}", flush=True)
+          f"{args.filters} filters, steps {args.steps}, teacher {args.modality}" + (f" (pixel tier: {args.pixel})" if args.modality != keys.MRI else ""), flush=True)
     rows: list[dict] = []
     recipes = args.recipes.split(",")
     if "ours" in recipes:
