@@ -70,5 +70,17 @@ def test_rotation_and_scaling_of_the_larger_crop_leave_no_zero_corners(deg, scal
         assert bool((small[keys.MRI] == 0).any())
 
 
+@pytest.mark.parametrize("deg", [(30.0, 30.0, 30.0), (30.0, -30.0, 30.0), (-30.0, 30.0, 30.0), (25.0, -10.0, 30.0)])
+def test_the_larger_crop_covers_a_large_patch_for_any_rotation(deg):
+    """At 64³ (the +3 voxel margin no longer hides it) the crop must follow the rotation MONAI's
+    Affine applies, axis order included: a matrix of another order left up to 472 voxels zero."""
+    big = (64, 64, 64)
+    aug = NNUNetAugment(patch_size=big)
+    for scale in (1.0, 1.4):
+        p = {"rotate_rad": [math.radians(d) for d in deg], "scale": [scale] * 3, "flip_axes": []}
+        out = aug.apply(_sample(aug.input_size(big, p)), p)
+        assert int((out[keys.MRI] == 0).sum()) == 0, (deg, scale)
+
+
 def test_input_size_without_spatial_parts_is_the_patch():
     assert NNUNetAugment(patch_size=P).input_size(P, {"flip_axes": [0]}) == P

@@ -129,16 +129,15 @@ class RandomAugment(SampleTransform):
 
 
 # --- nnU-Net-level augmentation -------------------------------------------------------------------
-def _rotation_matrix(angles: Sequence[float]) -> torch.Tensor:
-    """3×3 rotation ``Rz · Ry · Rx`` of the given angles (rad) about the three spatial axes."""
-    out = torch.eye(3, dtype=torch.float64)
-    for ax, a in enumerate(angles):
-        c, s = math.cos(a), math.sin(a)
-        i, j = [k for k in range(3) if k != ax]
-        r = torch.eye(3, dtype=torch.float64)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        out = r @ out
-    return out
+def affine_matrix(rotate_rad: Sequence[float] | None = None, scale: Sequence[float] | None = None) -> torch.Tensor:
+    """The 3×3 matrix (float64) that MONAI's ``Rotate``/``Affine`` use for these angles (rad) and
+    scale factors: an output voxel ``o`` reads input voxel ``A (o − c_out) + c_in`` (``c`` the
+    centres, ``(n − 1)/2``). Taken from MONAI's ``create_rotate`` so it is the rotation the
+    resampling really applies (its axis order included)."""
+    from monai.transforms.utils import create_rotate
+
+    rot = torch.as_tensor(create_rotate(3, list(rotate_rad) if rotate_rad is not None else [0.0, 0.0, 0.0]), dtype=torch.float64)[:3, :3]
+    return rot @ torch.diag(torch.tensor(list(scale) if scale is not None else [1.0, 1.0, 1.0], dtype=torch.float64))
 
 
 class NNUNetAugment(SampleTransform):
@@ -237,8 +236,7 @@ class NNUNetAugment(SampleTransform):
         return p
 
     def _affine(self, p: dict) -> torch.Tensor:
-        rot = _rotation_matrix(p.get("rotate_rad", [0.0, 0.0, 0.0]))
-        return rot @ torch.diag(torch.tensor(p.get("scale", [1.0, 1.0, 1.0]), dtype=torch.float64))
+        return affine_matrix(p.get("rotate_rad"), p.get("scale"))
 
     def input_size(self, patch_size: Sequence[int], p: dict) -> tuple[int, ...]:
         """Crop size (voxels) whose centre region covers the rotated and scaled patch (no corners left empty)."""
