@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="32-true")
-    ap.add_argument("--augment", action="store_true", help="RandomAugment on (rotated patches fall back to online targets in cached mode)")
+    ap.add_argument("--augment", action="store_true", help="RandomAugment on (cached mode replays its flips and rotations on the cached targets)")
     ap.add_argument("--cohort", default="small", choices=["tiny", "small"])
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--workdir", default=None)

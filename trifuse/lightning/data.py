@@ -212,7 +212,7 @@ class PatchDataset(Dataset):
         sample = cache_mod.make_sample(arrays, meta, box)
         for k in (keys.MRI, keys.LABEL, keys.SEG, keys.BRAIN):
             sample[k] = _pad_to(sample[k], size)
-        record(sample, "RandomPatch", box=box, foreground=used_fg)
+        record(sample, "RandomPatch", box=box, foreground=used_fg, size=list(size))  # size: the crop (padded), before augmentation
         # the pixel tier simulates in the frame of the whole cached case (trifuse.physics.transforms),
         # before spatial augmentation, so that its output is augmented together with the MRI
         sample[keys.META]["case_frame"] = {"cache_dir": str(self.cache_dir)}

@@ -198,9 +198,10 @@ class AsyncTeacherDistillation(L.Callback):
         mode: ``"online"`` (teachers run on every patch; checkpoint hot-swap) or ``"cached"``
             (each teacher's targets are computed once per training case by sliding window and
             stored next to the data cache, :mod:`trifuse.lightning.target_cache`; patches read
-            them, cropped and flipped like the label; no hot-swap, and a cache made by another
-            teacher checkpoint is refused). Patches rotated or scaled by augmentation get online
-            targets in either mode.
+            them, cropped and augmented (flips, rotation, scaling) like the label; no hot-swap,
+            and a cache made by another teacher checkpoint is refused). Only a batch without a
+            recorded ``patch_box`` (not from the patch loader) gets online targets in cached
+            mode; ``stats["fallback"]`` counts those.
         cache_dir: data cache holding ``teacher_targets/`` (default: the data module's cache).
         cache_roi: sliding-window ROI of the cached targets (default: the data module's patch size).
         cache_overlap: sliding-window overlap of the cached targets.
@@ -208,7 +209,9 @@ class AsyncTeacherDistillation(L.Callback):
     Attributes:
         stats: ``steps`` (batches whose targets were used), ``started_ahead`` (of those,
             started while the student was still on an earlier batch), ``wait_s`` (time the
-            student spent blocked on targets), ``step_s`` (time from batch start to end).
+            student spent blocked on targets), ``step_s`` (time from batch start to end),
+            ``cached`` (batches read from the target cache) and ``fallback`` (cached mode:
+            batches that got online targets instead).
         swap_log: ``(global_step, modality, path)`` of every swap.
     """
 
@@ -253,7 +256,7 @@ class AsyncTeacherDistillation(L.Callback):
         self._trainer = None
         self._completed = 0
         self._t_start: Optional[float] = None
-        self.stats = {"steps": 0, "started_ahead": 0, "wait_s": 0.0, "step_s": 0.0, "cached": 0}
+        self.stats = {"steps": 0, "started_ahead": 0, "wait_s": 0.0, "step_s": 0.0, "cached": 0, "fallback": 0}
         self.enabled = True
 
     @classmethod
@@ -446,7 +449,7 @@ class AsyncTeacherDistillation(L.Callback):
                 e.future.result()
 
     def _cached_targets(self, batch: dict) -> Optional[dict]:
-        """Targets of a batch read from the per-case cache, or None when a patch cannot be replayed."""
+        """Targets of a batch read from the per-case cache, or None when a sample has no recorded patch box."""
         from trifuse.lightning.target_cache import TeacherTargetCache
 
         metas = batch.get(keys.META) or []
@@ -501,6 +504,7 @@ class AsyncTeacherDistillation(L.Callback):
                 self.stats["steps"] += 1
                 self.stats["cached"] += 1
                 return out
+            self.stats["fallback"] += 1
         inputs = self._inputs_of(batch)
         t0 = time.perf_counter()
         entry = self._take(inputs)
