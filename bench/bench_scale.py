@@ -10,8 +10,11 @@ Cohort: ``--distinct`` cases are synthesised and the ``--n`` case folders hard-l
 files under BraTS case ids, so generating 40 full-size cases does not dominate the run; every
 case is still decoded, validated, cropped, normalised and written (or segmented) in full.
 
-Model for predict: an untrained SegResNet teacher (8 filters, 64³ windows, no mirroring):
-the figures measure the pipeline's streaming and parallelism, not a tuned network.
+Model for predict: an untrained SegResNet teacher (8 filters, 64³ windows, no mirroring)
+whose checkpoint records a training spacing of ``--model-spacing`` mm (default 2, as the
+demo's checkpoints): each full-size case is decoded, resampled to that grid, segmented and
+its probabilities resampled back and written at 240×240×155. The figures measure the
+pipeline's streaming and parallelism, not a tuned network.
 
 Usage: python bench/bench_scale.py [--n 40] [--distinct 4] [--predict-n 40] [--workers 1 2] [--workdir /tmp/trifuse-scale]
 """
@@ -92,8 +95,14 @@ def make_cohort(root: Path, n: int, distinct: int, size: str = "full") -> Path:
     return data
 
 
-def make_checkpoint(path: Path, roi=(64, 64, 64), init_filters: int = 8) -> Path:
-    """A Lightning checkpoint of an untrained MRI SegResNet teacher that `trifuse predict` loads."""
+def make_checkpoint(path: Path, roi=(64, 64, 64), init_filters: int = 8, spacing: float | None = None) -> Path:
+    """A Lightning checkpoint of an untrained MRI SegResNet teacher that `trifuse predict` loads.
+
+    ``spacing`` (mm) is recorded as the training spacing, as a teacher trained on that grid
+    records it: predict then resamples each 1 mm case there, runs the network, and pastes the
+    probabilities back onto the full 1 mm grid (the demo's 2 mm checkpoints do this). ``None``:
+    no record, the network runs on the native grid.
+    """
     import lightning as L
     import torch
 
@@ -113,6 +122,8 @@ def make_checkpoint(path: Path, roi=(64, 64, 64), init_filters: int = 8) -> Path
                 "_instantiator": "lightning.pytorch.cli.instantiate_module",
                 "net": {"class_path": "trifuse.nets.SegResNetBackbone", "init_args": net_args},
             },
+            "trifuse": {"kind": "teacher", "modality": "mri", "inputs": ["mri"], "in_channels": 4,
+                        "roi_size": list(roi), "spacing": None if spacing is None else [float(spacing)] * 3},
         },
         path,
     )
@@ -138,6 +149,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["preprocess", "predict"], choices=("preprocess", "predict"))
     ap.add_argument("--workdir", default="/tmp/trifuse-scale")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--model-spacing", type=float, default=2.0,
+                    help="training spacing recorded in predict's checkpoint, mm (0: none, the network runs at 1 mm)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -156,9 +169,9 @@ def main() -> None:
             if stage == "preprocess":
                 cmd = trifuse + ["preprocess", "--data", str(inp), "--cache", str(out), "--workers", str(w)]
             else:
-                ckpt = work / "teacher.ckpt"
+                ckpt = work / f"teacher_{args.model_spacing:g}mm.ckpt"
                 if not ckpt.exists():
-                    make_checkpoint(ckpt)
+                    make_checkpoint(ckpt, spacing=args.model_spacing or None)
                 cmd = trifuse + ["predict", "--ckpt", str(ckpt), "--input", str(inp), "--output", str(out), "--device", "cpu",
                                  "--no-tta", "--no-postprocess", "--workers", str(w)]
             r = measure(cmd, env=env)
