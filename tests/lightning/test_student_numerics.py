@@ -103,12 +103,20 @@ def test_student_step_finite_under_autocast_and_close_to_fp32(setup, dtype, rtol
         assert torch.isfinite(g).all(), f"{dtype}: {n} has a non-finite gradient"
         assert g.abs().sum() > 0, f"{dtype}: {n} has a zero gradient"
         assert ref_grads[n].abs().sum() > 0
-    # the whole student too: finite everywhere. Under CPU bf16 autocast the deepest backbone
-    # conv got a non-finite gradient once, in the full suite on a fresh clone only (order
-    # dependent, not reproduced alone): an open issue-9 item, so bf16 checks the tiers above.
-    if dtype != torch.bfloat16:
-        for n, g in grads.items():
-            assert g is None or torch.isfinite(g).all(), n
+    # the whole student too: finite everywhere, and the backbone's gradients those of fp32 up to
+    # rounding. This once failed in bf16 in the full suite only: oneDNN's CPU bf16 Conv3d weight
+    # gradient is garbage (read from unwritten memory, so its value depends on earlier tests)
+    # for inputs thinner than the kernel, here the 2³ bottleneck of a 16³ patch; the backbones
+    # now compute those layers in fp32 (trifuse.nets.backbone.guard_cpu_bf16_convs). Relative
+    # L2 error of the backbone's gradients, measured: bf16 <= 0.32, fp16 <= 0.08; the garbage
+    # was 1e36 to inf, or finite and wrong by 0.8 or more.
+    for n, g in grads.items():
+        assert g is None or torch.isfinite(g).all(), f"{dtype}: {n} has a non-finite gradient"
+    backbone = [n for n in grads if n.startswith("student.backbone.") and grads[n] is not None]
+    assert len(backbone) > 50
+    for n in backbone:
+        err = float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm())
+        assert err < 0.5, f"{dtype}: {n} gradient differs from fp32 by {err:.3g} (relative)"
 
 
 def test_response_loss_of_confident_teachers_is_finite_in_half_precision():

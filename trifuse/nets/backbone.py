@@ -23,7 +23,56 @@ import torch
 from monai.networks.nets import DynUNet, SegResNet, SegResNetDS
 from torch import nn
 
-__all__ = ["FeatureInfo", "SegResNetBackbone", "SegResNetDSBackbone", "DynUNetBackbone", "build_backbone"]
+__all__ = ["FeatureInfo", "SegResNetBackbone", "SegResNetDSBackbone", "DynUNetBackbone", "build_backbone", "guard_cpu_bf16_convs"]
+
+
+# --- a CPU bfloat16 workaround ------------------------------------------------------------
+def _onednn_bf16_weight_grad_unsafe(x: torch.Tensor, weight: torch.Tensor, kernel_size: Sequence[int]) -> bool:
+    """Whether this 3-D convolution would hit oneDNN's broken bfloat16 weight gradient.
+
+    On CPU, PyTorch's oneDNN (mkldnn) bfloat16 ``Conv3d`` backward returns a garbage weight
+    gradient (values up to ~1e36, inf or nan: it reads memory it never wrote, so the values
+    depend on what was allocated before) when the input is thinner than the kernel along the
+    depth axis (``1 < D < k``, e.g. ``D = 2`` with ``k = 3``; ``D = 2…4`` with ``k = 5``)
+    and the layer has 16 or more input channels. The forward pass and the input gradient are
+    right, so the loss looks fine. Found in torch 2.13.0+cpu (a 4-level SegResNet on 16³ patches
+    has a 2³ bottleneck); fp32, fp16 and disabling mkldnn are correct. Every axis thinner
+    than its kernel is checked (other CPUs may pick other oneDNN kernels); such layers are
+    tiny, so computing them in fp32 costs nothing measurable.
+    """
+    if x.device.type != "cpu" or not (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    bf16 = torch.bfloat16 in (x.dtype, weight.dtype) or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    return bf16 and any(s < k for s, k in zip(x.shape[2:], kernel_size))
+
+
+class _CPUBFloat16SafeConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that computes the layers oneDNN's bfloat16 weight gradient gets wrong in
+    fp32 (then returns bfloat16, the dtype the layer would have had); see
+    :func:`guard_cpu_bf16_convs`. Same parameters and ``state_dict`` as ``nn.Conv3d``."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _onednn_bf16_weight_grad_unsafe(input, weight, self.kernel_size):
+            with torch.autocast("cpu", enabled=False):
+                out = super()._conv_forward(input.float(), weight.float(), None if bias is None else bias.float())
+            return out.to(torch.bfloat16)
+        return super()._conv_forward(input, weight, bias)
+
+
+def guard_cpu_bf16_convs(module: nn.Module) -> nn.Module:
+    """Protect every ``nn.Conv3d`` of ``module`` from oneDNN's broken CPU bfloat16 weight
+    gradient (:func:`_onednn_bf16_weight_grad_unsafe`), in place; returns ``module``.
+
+    Only the class of the layers changes (to a subclass of ``nn.Conv3d``): parameters,
+    ``state_dict`` and every other dtype/device path are untouched. Under ``bf16-mixed`` /
+    ``bf16-true`` on CPU, a layer whose input is thinner than its kernel is computed in fp32.
+    """
+    for m in module.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = _CPUBFloat16SafeConv3d
+    return module
 
 
 class FeatureInfo(NamedTuple):
@@ -93,6 +142,7 @@ class SegResNetBackbone(SegResNet):
             upsample_mode=upsample_mode,
         )
         self.out_channels = out_channels
+        guard_cpu_bf16_convs(self)
 
     @property
     def feature_info(self) -> list[FeatureInfo]:
@@ -181,6 +231,7 @@ class SegResNetDSBackbone(SegResNetDS):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.n_levels = len(tuple(blocks_down))
+        guard_cpu_bf16_convs(self)
 
     @property
     def feature_info(self) -> list[FeatureInfo]:
@@ -296,6 +347,7 @@ class DynUNetBackbone(DynUNet):
             res_block=res_block,
             trans_bias=trans_bias,
         )
+        guard_cpu_bf16_convs(self)
         self._taps: OrderedDict[str, torch.Tensor] | None = None
         n = len(self.strides)
         # encoder: input block, downsamples; bottleneck; decoder: upsamples[j] is level n-2-j

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trifuse import keys
-from trifuse.nets.backbone import SegResNetBackbone
+from trifuse.nets.backbone import SegResNetBackbone, guard_cpu_bf16_convs
 from trifuse.nets.film import FiLM
 from trifuse.nets.semantic_attention import SemanticAttention
 
@@ -74,6 +74,7 @@ class StudentNet(nn.Module):
                 layer.register_forward_hook(self._film_hook(name))
         if use_semantic_attention:
             self.gates = nn.ModuleDict({r: SemanticAttention(info["dec0"], prior_channels) for r in ("TC", "ET")})
+        guard_cpu_bf16_convs(self)  # the gates' 3³ convs too (the backbone guards its own)
 
     def _film_hook(self, name: str):
         def hook(_module, _inputs, output):
