@@ -460,11 +460,8 @@ class AsyncTeacherDistillation(L.Callback):
         bsize = tuple(-(-s // 8) for s in size)
         out = {}
         for m, cache in self.caches.items():
-            pairs = [cache.crop(cid, meta, size, bsize) for cid, meta in zip(batch[keys.CASE_ID], metas)]
-            out[m] = {
-                "logits": torch.stack([p[0] for p in pairs]).to(ref.device, non_blocking=True),
-                "bottleneck": torch.stack([p[1] for p in pairs]).to(ref.device, non_blocking=True),
-            }
+            pairs = [cache.crop(cid, meta, size, bsize, ref.device) for cid, meta in zip(batch[keys.CASE_ID], metas)]
+            out[m] = {"logits": torch.stack([p[0] for p in pairs]), "bottleneck": torch.stack([p[1] for p in pairs])}
         return out
 
     def prepare_cache(self, datamodule, device: torch.device, trainer=None) -> int:

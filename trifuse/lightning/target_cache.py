@@ -197,8 +197,10 @@ class TeacherTargetCache:
     def _info(self, case_id: str) -> dict:
         return json.loads((self.root / f"{case_id}.json").read_text())
 
-    def crop(self, case_id: str, meta: dict, patch_size: Sequence[int], bottleneck_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The targets of one patch: logits ``(3, *patch_size)`` and bottleneck ``(C, *bottleneck_size)``, fp32.
+    def crop(self, case_id: str, meta: dict, patch_size: Sequence[int], bottleneck_size: Sequence[int],
+             device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets of one patch: logits ``(3, *patch_size)`` and bottleneck ``(C, *bottleneck_size)``,
+        fp32 on ``device`` (the stored region is moved there as float16 and resampled there).
 
         The patch's recorded spatial augmentation is replayed on the stored maps exactly as on
         its label (:func:`patch_geometry`: output voxel ``o`` of the patch was read at case voxel
@@ -230,12 +232,12 @@ class TeacherTargetCache:
         m, t = geo.matrix, geo.offset + pb  # output patch voxel -> stored (padded) voxel
         domain = [(max(0, lo + int(p)), min(int(n), hi + int(p))) for (lo, hi), p, n in zip(geo.crop, pb, info["padded"])]
         logits = np.load(self.root / f"{case_id}.logits.npy", mmap_mode="r")
-        out_logits = _resample(logits, m, t, patch_size, domain, info["fill_logits"])
+        out_logits = _resample(logits, m, t, patch_size, domain, info["fill_logits"], device)
         h = (STRIDE - 1) / 2
         t_b = (m @ np.full(3, h) + t - h) / STRIDE
         domain_b = [(lo // STRIDE, -(-hi // STRIDE)) for lo, hi in domain]
         bott = np.load(self.root / f"{case_id}.bottleneck.npy", mmap_mode="r")
-        out_bott = _resample(bott, m, t_b, bottleneck_size, domain_b, info["fill_bottleneck"])
+        out_bott = _resample(bott, m, t_b, bottleneck_size, domain_b, info["fill_bottleneck"], device)
         return out_logits, out_bott
 
 
@@ -320,8 +322,15 @@ def patch_geometry(meta: dict, patch_size: Sequence[int]) -> PatchGeometry:
     return PatchGeometry(m, t, crop)
 
 
-def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequence[int], domain, fill) -> torch.Tensor:
-    """``out[:, o] = store[:, m @ o + t]`` (trilinear) for ``o`` over ``out_size``, fp32.
+def _read(store: np.ndarray, sl: Sequence[slice], device: torch.device) -> torch.Tensor:
+    """``store[:, sl]`` as fp32 on ``device`` (float16 copied as is, converted by torch: numpy's
+    half conversion is several times slower)."""
+    return torch.from_numpy(np.array(store[(slice(None), *sl)])).to(device).float()
+
+
+def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequence[int], domain, fill,
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """``out[:, o] = store[:, m @ o + t]`` (trilinear) for ``o`` over ``out_size``, fp32 on ``device``.
 
     Only ``domain`` (``[lo, hi)`` per axis of ``store``) is read; outside it the value is
     ``fill`` (per channel), blended at the edge by the trilinear weights (as MONAI's zero
@@ -329,12 +338,12 @@ def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequenc
     (crops and flips) is copied, without interpolation.
     """
     out_size = tuple(int(s) for s in out_size)
-    fill_t = torch.as_tensor(fill, dtype=torch.float32)[:, None, None, None]
+    fill_t = torch.as_tensor(fill, dtype=torch.float32, device=device)[:, None, None, None]
     signs, t_int = np.diag(m), np.round(t)
     if np.allclose(np.abs(m), np.eye(3)) and np.allclose(t, t_int, atol=1e-6):
         lo = [int(ti) if s > 0 else int(ti) - p + 1 for s, ti, p in zip(signs, t_int, out_size)]
         if all(d0 <= a and a + p <= d1 for a, p, (d0, d1) in zip(lo, out_size, domain)):
-            out = torch.from_numpy(np.array(store[(slice(None), *[slice(a, a + p) for a, p in zip(lo, out_size)])], dtype=np.float32))
+            out = _read(store, [slice(a, a + p) for a, p in zip(lo, out_size)], device)
             flips = [1 + i for i, s in enumerate(signs) if s < 0]
             return out.flip(flips) if flips else out
     corners = np.stack(np.meshgrid(*[[0, p - 1] for p in out_size], indexing="ij")).reshape(3, -1).astype(np.float64)
@@ -343,7 +352,7 @@ def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequenc
     hi = [min(d1, int(np.floor(v)) + 2) for v, (_, d1) in zip(x.max(1), domain)]
     if any(b <= a for a, b in zip(lo, hi)):
         return fill_t.expand(-1, *out_size).clone()
-    region = torch.from_numpy(np.array(store[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])], dtype=np.float32)) - fill_t
+    region = _read(store, [slice(a, b) for a, b in zip(lo, hi)], device) - fill_t
     # index maps -> grid_sample's normalised coordinates (align_corners=False: index i <-> (2i + 1)/n - 1)
     n = np.asarray(region.shape[1:], dtype=np.float64)
     p = np.asarray(out_size, dtype=np.float64)
@@ -352,5 +361,5 @@ def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequenc
     theta = torch.zeros(1, 3, 4, dtype=torch.float64)
     theta[0, :, :3] = torch.from_numpy(a[::-1, ::-1].copy())  # grid_sample's x, y, z are W, H, D
     theta[0, :, 3] = torch.from_numpy(b[::-1].copy())
-    grid = F.affine_grid(theta.float(), (1, region.shape[0], *out_size), align_corners=False)
+    grid = F.affine_grid(theta.float().to(device), (1, region.shape[0], *out_size), align_corners=False)
     return F.grid_sample(region[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + fill_t
