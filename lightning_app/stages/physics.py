@@ -95,6 +95,7 @@ def _run_fit_ct_paired(args) -> int:
 
 
 def run_fit_us(args) -> int:
+    from trifuse.io.nifti import sweep_dead_temps
     from trifuse.physics.paired import PairingError, fingerprint, fit_us_paired, load_us_mapper, read_paired_cases, save_us_mapper
     from trifuse.physics.ultrasound import ProbeConfig
 
@@ -104,6 +105,7 @@ def run_fit_us(args) -> int:
         raise StageError(str(e)) from None
     out = Path(args.out) if args.out else Path(args.paired) / US_MODEL_NAME
     state = Path(str(out) + ".state.pt")
+    sweep_dead_temps(out.parent)  # the mapper's and state file's temporaries a killed run left (never a live writer's)
     key = {"files": fingerprint(cases), "steps": args.steps, "lr": args.lr, "seed": args.seed,
            "resolution_mm": args.resolution_mm}
     if _up_to_date(out, key, args.force):

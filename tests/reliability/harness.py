@@ -181,7 +181,8 @@ class ForkServer:
 
     PRELOAD = ("lightning_app.lightning_cli", "trifuse.inference", "trifuse.io.preprocess", "trifuse.metrics.report",
                "trifuse.physics.ct", "trifuse.semantic.clip_data", "trifuse.semantic.describe", "trifuse.semantic.priors",
-               "trifuse.synth", "trifuse.lightning.teacher", "trifuse.lightning.callbacks")
+               "trifuse.synth", "trifuse.lightning.teacher", "trifuse.lightning.callbacks", "trifuse.physics.paired",
+               "trifuse.physics.ultrasound", "monai.losses")
 
     def __init__(self, preload=PRELOAD):
         self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER, *preload], cwd=ROOT, env=stage_env(),

@@ -82,6 +82,37 @@ class Stage:
     sweeps: tuple[str, ...] = ("",)
 
 
+def write_paired_us(root: Path, shape=(24, 28, 24), spacing: float = 2.0) -> Path:
+    """One co-registered MR/US case for ``physics fit-us --paired``: a head phantom's four contrasts
+    and, as the "real" US, the simulation of the CLI's default probe with white matter 3 dB brighter
+    than the tissue table, kept on the brain."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from trifuse import keys
+    from trifuse.physics.acoustic import ImpedanceMapper
+    from trifuse.physics.phantom import make_head_phantom
+    from trifuse.physics.tissues import HEAD_TISSUES
+    from trifuse.physics.ultrasound import ProbeConfig, simulate_ultrasound
+
+    def write(path, data):
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.diag([spacing] * 3 + [1.0])), str(path))
+
+    s = make_head_phantom(shape, spacing=(spacing,) * 3, seed=0, margin_mm=12.0)
+    d = Path(root) / "p0"
+    d.mkdir(parents=True, exist_ok=True)
+    for i, suf in enumerate(("t1", "t1ce", "t2", "flair")):
+        write(d / f"p0_{suf}.nii.gz", s[keys.MRI][i].numpy())
+    real = ImpedanceMapper()
+    with torch.no_grad():
+        real.scatter_db[HEAD_TISSUES.index("white_matter")] += 3.0
+        us = simulate_ultrasound(s[keys.MRI][None], s[keys.BRAIN][None], (spacing,) * 3, ProbeConfig(resolution_mm=spacing),
+                                 real, [0])
+    write(d / "p0_us.nii.gz", (us[0, 0] * s[keys.BRAIN][0]).numpy())
+    return Path(root)
+
+
 #: the fast set's CLIP: one epoch of a narrow encoder on two tiny cases (seconds)
 FAST_CLIP = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--width", "8", "--embed-dim", "32"]
 
@@ -103,6 +134,8 @@ STAGES = {
               rewritten=("manifest.json",), per_case="*/meta.json"),
         Stage("fit-ct", lambda r, o: ["physics", "fit-ct", "--data", str(r["data"]), "--cache", str(r["cache"]),
                                       "--out", str(o / "ct_mixture.json"), "--components", "3", "--max-voxels", "20000"]),
+        Stage("fit-us", lambda r, o: ["physics", "fit-us", "--paired", str(r["paired"]), "--out", str(o / "us_mapper.json"),
+                                      "--steps", "3"]),
         Stage("describe", lambda r, o: ["describe", "--data", str(r["data"]), "--cache", str(r["cache"]), "--backend",
                                         "offline", "--no-progress", "--out", str(o)],
               volatile=("describe_summary.json", "cache/*.json", "describe_manifest.json"),
@@ -142,6 +175,7 @@ def build_fast_inputs(root: Path) -> dict:
          "clip": root / "clip", "pred": root / "pred", "snapshot": {}}
     for i in range(2):
         write_tiny_case(r["data"], 2021, i)
+    r["paired"] = write_paired_us(root / "paired")
     r["ckpt"] = Path(constant_model_ckpt(root / "m.ckpt", (9.0, -9.0, 9.0)))
     for name, key in (("preprocess", "cache"), ("describe", "desc"), ("clip", "clip"), ("predict", "pred")):
         assert main(STAGES[name].argv(r, r[key])) == 0, f"fast input {name} failed"
@@ -160,10 +194,11 @@ def build_reference(root: Path, upto: str = "evaluate") -> dict:
     ref = {
         "root": root, "data": root / "data" / "syn", "cache": root / "data" / "cache" / "syn", "ct": root / "ct",
         "desc": root / "desc", "clip": root / "clip", "priors": root / "priors", "run": root / "run",
-        "pred": root / "pred", "eval": root / "eval",
+        "pred": root / "pred", "eval": root / "eval", "us": root / "us",
     }
+    ref["paired"] = write_paired_us(root / "paired")
     ref["ckpt"] = ref["run"] / "checkpoints" / "last.ckpt"
-    order = [("synth", "data"), ("preprocess", "cache"), ("fit-ct", "ct"), ("describe", "desc"), ("clip", "clip"),
+    order = [("synth", "data"), ("preprocess", "cache"), ("fit-ct", "ct"), ("fit-us", "us"), ("describe", "desc"), ("clip", "clip"),
              ("semantic", "priors"), ("fit", "run"), ("predict", "pred"), ("evaluate", "eval")]
     ref["seconds"], ref["snapshot"] = {}, {}
     cwd = os.getcwd()

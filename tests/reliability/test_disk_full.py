@@ -1,7 +1,8 @@
 """A stage that runs out of disk space fails with a one-line message naming the folder and
 leaves no partial output: on a real size-limited tmpfs folder where the machine lets us
 mount one (root), and always with ENOSPC simulated at the write call. Covered: preprocess,
-evaluate, describe, physics fit-ct, Lightning checkpoints (`trifuse fit`) and the atomic writers."""
+evaluate, describe, physics fit-ct and fit-us, Lightning checkpoints (`trifuse fit`) and the
+atomic writers."""
 from __future__ import annotations
 
 import errno
@@ -219,6 +220,51 @@ def test_fit_ct_simulated_enospc_keeps_the_previous_model(tiny_dataset, tmp_path
     assert out.read_bytes() == before and _files(out.parent) == ["ct_mixture.json"]
 
 
+# --- physics fit-us: its state file and mapper ------------------------------------------------------
+def _fit_us(paired, out, steps=3) -> int:
+    return main(["physics", "fit-us", "--paired", str(paired), "--out", str(out), "--steps", str(steps)])
+
+
+def test_fit_us_on_a_full_tmpfs(small_folder, tmp_path, capsys):
+    from tests.reliability.stages import write_paired_us
+
+    paired = write_paired_us(tmp_path / "paired")
+    _fill(small_folder)
+    out = small_folder / "us" / "us_mapper.json"
+    assert _fit_us(paired, out) == 1
+    assert _last_err(capsys).startswith(f"trifuse physics: error: {out.parent}: no space left on device while "
+                                        "writing us_mapper.json.state.pt (No space left on device); nothing partial")
+    assert _files(out.parent) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the file of a descriptor through /proc")
+@pytest.mark.parametrize("full_at", ["us_mapper.json.state.pt", "us_mapper.json"])
+def test_fit_us_simulated_enospc_keeps_the_previous_files(full_at, tmp_path, monkeypatch, capsys):
+    """A refit (one more step, resumed from the state file) finds the disk full when it saves the
+    state or the mapper: the folder is named, the previous files are intact, nothing else is
+    left, and a rerun on a disk with room resumes and completes."""
+    from tests.reliability.stages import write_paired_us
+
+    paired = write_paired_us(tmp_path / "paired")
+    out = tmp_path / "us" / "us_mapper.json"
+    assert _fit_us(paired, out) == 0
+    before = {f: (out.parent / f).read_bytes() for f in _files(out.parent)}
+    assert sorted(before) == ["us_mapper.json", "us_mapper.json.state.pt"]
+    monkeypatch.setattr(nifti_mod.os, "fsync", _full_when_writing(f"{full_at}.~"))  # this file's temporary only
+    assert _fit_us(paired, out, steps=4) == 1
+    assert _last_err(capsys) == (
+        f"trifuse physics: error: {out.parent}: no space left on device while writing {full_at} "
+        "(No space left on device); nothing partial was kept: free space there or write elsewhere")
+    assert _files(out.parent) == sorted(before)
+    assert (out.parent / full_at).read_bytes() == before[full_at]
+    for f in before:
+        torch.load(out.parent / f, weights_only=False) if f.endswith(".pt") else json.loads((out.parent / f).read_text())
+    monkeypatch.undo()
+    assert _fit_us(paired, out, steps=4) == 0
+    assert "resumed at step" in capsys.readouterr().out
+    assert json.loads(out.read_text())["meta"]["fit_key"]["steps"] == 4
+
+
 def test_atomic_checkpoint_io_simulated_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from trifuse.lightning.checkpoint_io import AtomicCheckpointIO
 
@@ -264,7 +310,6 @@ def test_fit_checkpoint_out_of_space_names_the_folder(disk, tiny_dataset, tmp_pa
     import builtins
 
     from tests.reliability.stages import CFG, fit_overlay
-    from trifuse.lightning import checkpoint_io
 
     data = tiny_dataset(2021, 2)
     run = tmp_path / "run"
@@ -274,7 +319,7 @@ def test_fit_checkpoint_out_of_space_names_the_folder(disk, tiny_dataset, tmp_pa
         if why:
             pytest.skip(why)
     else:
-        monkeypatch.setattr(checkpoint_io, "open", lambda f, mode="r", *a, **k:
+        monkeypatch.setattr(nifti_mod, "open", lambda f, mode="r", *a, **k:  # the shared writers' files
                             _SmallDisk(builtins.open(f, mode, *a, **k), 64 * 1024), raising=False)
     try:
         monkeypatch.chdir(tmp_path)

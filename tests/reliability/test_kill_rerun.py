@@ -4,8 +4,9 @@ work it had finished, sweeps the temporaries killed writers left, and never leav
 half-written file under a final name.
 
 Fast set (`make test`), every stage on two 20×24×16 cases: synth, preprocess, physics fit-ct,
-describe, clip (one epoch of a narrow encoder), semantic, predict and evaluate killed at the
-first write seen in the output folder (a temporary, or the first output file); fit (two
+physics fit-us (three steps on one 24×28×24 MR/US pair), describe, clip (one epoch of a narrow
+encoder), semantic, predict and evaluate killed at the first write seen in the output folder
+(a temporary, or the first output file); fit (two
 epochs of two one-patch steps) killed at the second validation's checkpoint write, while it
 replaces the first's ``last.ckpt``, and resumed from it.
 Slow set: every stage on a three-case synthetic pipeline, killed at the first temporary and
@@ -65,7 +66,7 @@ def kill_and_rerun(name, ref, tmp_path, monkeypatch, when=first_temp, reference=
             "out": out, "before": before_bytes}
 
 
-FAST = ("synth", "preprocess", "fit-ct", "describe", "clip", "semantic", "predict", "evaluate")
+FAST = ("synth", "preprocess", "fit-ct", "fit-us", "describe", "clip", "semantic", "predict", "evaluate")
 
 
 @pytest.mark.parametrize("name", FAST)

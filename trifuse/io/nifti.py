@@ -236,17 +236,69 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write bytes atomically (writer-tagged temp file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    # ``.tmp``, not ``.tmp.json``: a reader globbing ``*.json`` / ``*.npz`` never sees a temporary
-    with atomic_target(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
-        fh.write(payload)
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, what: str = ""):
+    """Write ``path`` atomically through a binary file: yield the open writer-tagged temporary
+    (:func:`atomic_target`), then flush, fsync and ``os.replace`` it onto ``path``.
+
+    The temporary ends in ``.tmp``, not ``.tmp.json``: a reader globbing ``*.json`` / ``*.npz``
+    / ``*.ckpt`` never sees it. A full disk raises :class:`OutOfSpaceError` naming the folder.
+    """
+    with atomic_target(path, what, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        yield fh
         fh.flush()
         os.fsync(fh.fileno())
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write bytes atomically (writer-tagged temp file in the same folder, fsync, ``os.replace``)."""
+    with atomic_file(path) as fh:
+        fh.write(payload)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_file` (a writer-tagged
+    ``.<name>.~<pid>@<host>~.<random>.tmp`` in the same folder, fsync, rename).
+
+    The temporary never ends in ``.ckpt`` / ``.pt`` (a reader globbing those never picks it
+    up); a full disk raises :class:`OutOfSpaceError` naming the folder, and nothing partial
+    remains. Torch is imported here, not with this module.
+    """
+    import torch
+
+    with atomic_file(path) as fh:
+        out = _WriteErrors(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:  # torch's zip writer reports a failed write as "unexpected pos ..."
+                raise out.error from None
+            raise
+
+
+class _WriteErrors:
+    """A binary file that remembers the ``OSError`` of a failed write (``ENOSPC``: a full disk).
+
+    ``torch.save`` turns an exception raised by its file's ``write`` into a ``RuntimeError``
+    about a position mismatch; this keeps the original, so the caller can name the cause.
+    """
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()

@@ -10,56 +10,13 @@ open a truncated ``best.ckpt``. Here the temporary file is created next to the t
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from trifuse.io.nifti import atomic_target, sweep_dead_temps
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a writer-tagged ``.<name>.~<pid>@<host>~.<random>.tmp`` in the
-    same folder, fsync, rename.
-
-    The temporary never ends in ``.ckpt`` (a reader globbing ``*.ckpt`` never picks it up); a
-    full disk raises :class:`~trifuse.io.nifti.OutOfSpaceError` naming the folder, and nothing
-    partial remains.
-    """
-    with atomic_target(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
-        out = _WriteErrors(fh)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is not None:  # torch's zip writer reports a failed write as "unexpected pos ..."
-                raise out.error from None
-            raise
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-class _WriteErrors:
-    """A binary file that remembers the ``OSError`` of a failed write (``ENOSPC``: a full disk).
-
-    ``torch.save`` turns an exception raised by its file's ``write`` into a ``RuntimeError``
-    about a position mismatch; this keeps the original, so the caller can name the cause.
-    """
-
-    def __init__(self, fh) -> None:
-        self.fh = fh
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
+# atomic_torch_save lives with the other shared writers (no Lightning import there); re-exported here
+from trifuse.io.nifti import atomic_torch_save, sweep_dead_temps  # noqa: F401
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

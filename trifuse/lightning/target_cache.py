@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -51,27 +50,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr)
+    """The shared atomic writer (writer-tagged temporary, fsync, rename; a full disk names the
+    folder): a killed build leaves no partial target under a final name, and its rerun redoes the case."""
+    from trifuse.io.nifti import atomic_file
 
-    _atomic_write(path, write)
+    with atomic_file(path) as fh:
+        np.save(fh, arr)
 
 
 def _save_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    from trifuse.io.nifti import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def centred_pad(shape: Sequence[int], size: Sequence[int]) -> list[tuple[int, int]]:

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -286,6 +285,7 @@ def fit_us_paired(
     Returns:
         ``(mapper, history)`` with one ``{"step", "loss", "one_minus_ssim"}`` per logged step.
     """
+    from trifuse.io.nifti import atomic_torch_save
     from trifuse.physics.acoustic import ImpedanceMapper
     from trifuse.physics.ultrasound import ProbeConfig, simulate_ultrasound
 
@@ -324,21 +324,10 @@ def fit_us_paired(
             history.append({"step": done, "loss": float(loss.detach()), "one_minus_ssim": dss})
             print_fn(f"fit-us step {done}/{steps}: loss {float(loss.detach()):.4f}  1-SSIM {dss:.4f}")
         if state_path is not None and (done % save_every == 0 or done == steps):
-            _atomic_torch_save({"mapper": mapper.state_dict(), "optimizer": opt.state_dict(), "step": done, "history": history},
-                               Path(state_path))
+            # writer-tagged temporary, fsync, rename; a full disk names the folder (OutOfSpaceError)
+            atomic_torch_save({"mapper": mapper.state_dict(), "optimizer": opt.state_dict(), "step": done, "history": history},
+                              state_path)
     return mapper, history
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def us_mapper_to_dict(mapper: nn.Module, meta: dict | None = None) -> dict:
@@ -382,19 +371,13 @@ def us_mapper_from_dict(d: dict, source: str = "<dict>") -> nn.Module:
 
 
 def save_us_mapper(mapper: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write a fitted mapper as small versioned JSON (format :data:`US_FORMAT`), atomically."""
+    """Write a fitted mapper as small versioned JSON (format :data:`US_FORMAT`), atomically
+    (writer-tagged temp file, fsync, rename; a full disk raises
+    :class:`~trifuse.io.nifti.OutOfSpaceError` naming the folder)."""
+    from trifuse.io.nifti import atomic_write_text
+
     d = us_mapper_to_dict(mapper, meta={} if meta is None else meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(d, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(path, json.dumps(d, indent=1))
 
 
 def load_us_mapper(path: str | os.PathLike) -> nn.Module:
