@@ -1,8 +1,8 @@
 """A stage that runs out of disk space fails with a one-line message naming the folder and
 leaves no partial output: on a real size-limited tmpfs folder where the machine lets us
 mount one (root), and always with ENOSPC simulated at the write call. Covered: preprocess,
-evaluate, describe, physics fit-ct and fit-us, Lightning checkpoints (`trifuse fit`) and the
-atomic writers."""
+evaluate, describe, physics fit-ct and fit-us, semantic, Lightning checkpoints (`trifuse fit`) and
+the atomic writers."""
 from __future__ import annotations
 
 import errno
@@ -263,6 +263,58 @@ def test_fit_us_simulated_enospc_keeps_the_previous_files(full_at, tmp_path, mon
     assert _fit_us(paired, out, steps=4) == 0
     assert "resumed at step" in capsys.readouterr().out
     assert json.loads(out.read_text())["meta"]["fit_key"]["steps"] == 4
+
+
+# --- semantic: a full disk stops the stage, other per-case failures do not -----------------------------
+def _semantic(inputs, out, *extra) -> int:
+    from tests.reliability.stages import STAGES
+
+    return main([*STAGES["semantic"].argv(inputs, out), *extra])
+
+
+def test_semantic_on_a_full_tmpfs(fast_inputs, small_folder, capsys):
+    _fill(small_folder)
+    out = small_folder / "priors"
+    assert _semantic(fast_inputs, out) == 1
+    last = _last_err(capsys)
+    assert last == (f"trifuse semantic: error: {out}: no space left on device while writing BraTS2021_00000.npz "
+                    "(No space left on device); nothing partial was kept: free space there or write elsewhere"), last
+    assert _files(out) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the file of a descriptor through /proc")
+def test_semantic_simulated_enospc_stops_at_the_first_case(fast_inputs, tmp_path, monkeypatch, capsys):
+    """The disk fills up at the first case of a forced rerun: the stage stops there (the second
+    case is not attempted, the summary not rewritten), names the folder and keeps the previous files."""
+    out = tmp_path / "priors"
+    assert _semantic(fast_inputs, out) == 0
+    before = {f: ((out / f).read_bytes(), (out / f).stat().st_ino) for f in _files(out)}
+    assert sorted(before) == ["BraTS2021_00000.npz", "BraTS2021_00001.npz", "priors_summary.json"]
+    monkeypatch.setattr(nifti_mod.os, "fsync", _full_when_writing("BraTS2021_00000.npz"))
+    assert _semantic(fast_inputs, out, "--force") == 1
+    assert _last_err(capsys) == (
+        f"trifuse semantic: error: {out}: no space left on device while writing BraTS2021_00000.npz "
+        "(No space left on device); nothing partial was kept: free space there or write elsewhere")
+    assert {f: ((out / f).read_bytes(), (out / f).stat().st_ino) for f in _files(out)} == before
+
+
+def test_semantic_other_case_failures_still_go_on(fast_inputs, tmp_path, monkeypatch, capsys):
+    """A case that fails otherwise (here an unwritable file: EACCES) is listed and the next case is written."""
+    from trifuse.semantic import priors
+
+    real = priors.save_prior
+
+    def refuse_first(path, *a, **k):
+        if Path(path).name == "BraTS2021_00000.npz":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(priors, "save_prior", refuse_first)
+    out = tmp_path / "priors"
+    assert _semantic(fast_inputs, out) == 1
+    err = capsys.readouterr().err
+    assert "FAILED BraTS2021_00000: PermissionError" in err and "priors failed for 1 case(s): BraTS2021_00000" in err
+    assert _files(out) == ["BraTS2021_00001.npz", "priors_summary.json"]
 
 
 def test_atomic_checkpoint_io_simulated_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

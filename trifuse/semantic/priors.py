@@ -33,7 +33,9 @@ Per case, ``<out>/<case_id>.npz`` holds ``prior`` (3, d, h, w) float16, ``text``
 float32 — the normalised mean of the three views' description embeddings, the pooled
 text embedding the student's FiLM consumes — and ``meta`` (JSON: shapes, crop box,
 factor, checkpoint hash, fingerprint). Files are written atomically; a case whose
-fingerprint (checkpoint, description, cache, settings) is unchanged is skipped.
+fingerprint (checkpoint, description, cache, settings) is unchanged is skipped. A case
+that fails is listed and the others go on, except on a full disk: the run stops at once
+with :class:`~trifuse.io.nifti.OutOfSpaceError` naming the folder (nothing partial kept).
 """
 from __future__ import annotations
 
@@ -337,10 +339,12 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
     Raises:
         KeyError: a case has no description.
         DescriberMismatchError: the descriptions mix describers, or CLIP was trained on another's.
+        trifuse.io.nifti.OutOfSpaceError: ``out_dir`` is full (named in the message); the
+            cases written before are complete, no partial file is left, the summary is not written.
     """
     from trifuse.io.cache import load_sample, read_meta
     from trifuse.io.manifest import read_manifest
-    from trifuse.io.nifti import atomic_write_text, sweep_dead_temps
+    from trifuse.io.nifti import OutOfSpaceError, atomic_write_text, sweep_dead_temps
     from trifuse.semantic.clip import file_sha256, load_clip
 
     config = config or PriorConfig()
@@ -418,6 +422,8 @@ def compute_priors(cache_dir: str | Path, descriptions: Mapping[str, Description
                 report.auc_wt[cid] = prior_auc(res.prior[keys.WT].float(), sample[keys.LABEL][keys.WT].bool(),
                                                sample[keys.BRAIN][0].bool())
                 status += f", WT AUC {report.auc_wt[cid]:.3f}"
+        except OutOfSpaceError:  # a full disk fails every case after it: stop now, naming the folder
+            raise
         except Exception as exc:  # noqa: BLE001 - one bad case must not lose the others; listed at the end
             log.debug("priors failed for %s", cid, exc_info=True)
             report.failed[cid] = f"{type(exc).__name__}: {exc}"
