@@ -43,6 +43,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from trifuse import keys
+from trifuse.schedules import one_cycle_pct_start
 
 #: channels of each image key of the sample (DESIGN.md, "The sample")
 INPUT_CHANNELS = {keys.MRI: len(keys.MODALITIES), keys.US: 1, keys.CT: keys.CT_CHANNELS}
@@ -110,10 +111,7 @@ class OneCycleCosine(torch.optim.lr_scheduler.OneCycleLR):
         if total_steps is None:
             raise ValueError("OneCycleCosine needs total_steps (TeacherModule fills it in from the trainer)")
         total_steps = max(int(total_steps), 1)
-        if abs(pct_start * total_steps - 1.0) < 1e-9:
-            # torch's first phase would end at step 0 and divide 0 by 0 (tiny runs); a warm-up
-            # of exactly one step peaks at step 0 anyway, so move it just before step 0
-            pct_start = pct_start * (1.0 - 1e-6)
+        pct_start = one_cycle_pct_start(pct_start, total_steps)  # tiny runs: no warm-up ending at step 0 (0 / 0)
         peak = max_lr if max_lr is not None else [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         super().__init__(
             optimizer,

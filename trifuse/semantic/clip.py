@@ -754,17 +754,13 @@ def evaluate_retrieval(model: DualEncoder, records, cache_dir: str | Path, ks: S
 
 
 def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1):
-    """Torch's one-cycle schedule (cosine) over ``steps`` optimizer steps, for any ``steps``.
+    """Torch's one-cycle schedule (cosine) over ``steps`` optimizer steps, for any ``steps``
+    (a warm-up ending at step 0, e.g. ``--epochs 1`` of 10 batches, is guarded by
+    :func:`trifuse.schedules.one_cycle_pct_start`)."""
+    from trifuse.schedules import one_cycle_pct_start
 
-    Torch's ``OneCycleLR`` ends its warm-up phase at step ``pct_start * steps - 1``; when that
-    is exactly 0 (10 steps at 0.1, e.g. ``--epochs 1`` of 10 batches) it divides 0 by 0. A
-    warm-up of one step peaks at step 0 anyway, so it is moved just before step 0, as any
-    shorter run has it.
-    """
-    if abs(pct_start * steps - 1.0) < 1e-9:
-        pct_start *= 1.0 - 1e-6
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start,
-                                               anneal_strategy="cos")
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                               pct_start=one_cycle_pct_start(pct_start, steps), anneal_strategy="cos")
 
 
 def train_clip(cache_dir: str | Path, descriptions: Mapping[str, Any], case_ids: Sequence[str],
