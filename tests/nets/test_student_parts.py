@@ -114,3 +114,28 @@ def test_student_identity_film_matches_plain_backbone_and_grads():
     assert logits.dtype == torch.float32
     # works without priors/text (semantic tier off)
     assert StudentNet(init_filters=8)(x).shape == (1, 3, 16, 16, 16)
+
+
+def test_gate_has_no_dead_parameter_and_loads_old_checkpoints():
+    """The gate's first conv feeds an instance norm: a bias there has no effect, so it has none,
+    and a state dict that still holds one loads with identical outputs."""
+    torch.manual_seed(0)
+    gate = SemanticAttention(8, 3)
+    assert gate.net[0].bias is None
+    old = {k: v.clone() for k, v in gate.state_dict().items()}
+    old["net.0.bias"] = torch.randn(16) * 3  # what a checkpoint of the earlier layer held
+    with torch.no_grad():
+        gate.net[-1].weight.normal_()  # a trained gate: the output depends on the hidden layer
+        old["net.3.weight"] = gate.net[-1].weight.clone()
+    reloaded = SemanticAttention(8, 3)
+    reloaded.load_state_dict(old)  # strict
+    with_bias = torch.nn.Conv3d(11, 16, 3, padding=1)
+    with torch.no_grad():
+        with_bias.weight.copy_(old["net.0.weight"])
+        with_bias.bias.copy_(old["net.0.bias"])
+    logit, feats, prior = torch.randn(2, 1, 6, 6, 6), torch.randn(2, 8, 6, 6, 6), torch.rand(2, 3, 3, 3, 3)
+    out, g = reloaded(logit, feats, prior)
+    x = torch.cat([feats, torch.nn.functional.interpolate(prior, size=(6, 6, 6), mode="trilinear", align_corners=False)], 1)
+    ref_g = torch.sigmoid(reloaded.net[1:](with_bias(x)))  # the earlier layer, bias included
+    torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+    assert float(g.std()) > 1e-3  # the comparison is not between constants

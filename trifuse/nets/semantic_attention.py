@@ -45,13 +45,20 @@ class SemanticAttention(nn.Module):
     def __init__(self, feat_channels: int, prior_channels: int = 3, hidden: int = 16, init_bias: float = 4.0):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv3d(feat_channels + prior_channels, hidden, 3, padding=1),
+            # no bias: the instance norm subtracts each channel's mean, so a bias here would be a
+            # parameter without effect (its gradient is exactly 0) — the norm's affine shift is the bias
+            nn.Conv3d(feat_channels + prior_channels, hidden, 3, padding=1, bias=False),
             nn.InstanceNorm3d(hidden, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
             nn.Conv3d(hidden, 1, 1),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.constant_(self.net[-1].bias, init_bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the first conv lost its bias: dropping it is exact (see __init__)
+        state_dict.pop(prefix + "net.0.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, logit: torch.Tensor, feats: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prior = F.interpolate(prior.to(feats.dtype), size=feats.shape[2:], mode="trilinear", align_corners=False)
