@@ -385,3 +385,18 @@ def test_fit_checkpoint_out_of_space_names_the_folder(disk, tiny_dataset, tmp_pa
             umount(ckpts)
     assert rc == 1 and last.startswith(f"trifuse fit: error: {ckpts}: no space left on device while writing best.ckpt"), last
     assert left == []
+
+
+def test_atomic_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    """Outputs on a shared cluster must be readable by the group like any file the user writes."""
+    from trifuse.io import nifti as nifti_mod
+
+    old = os.umask(0o027)
+    try:
+        nifti_mod._FILE_MODE = None  # read the umask anew
+        nifti_mod.atomic_write_text(tmp_path / "a.json", "{}")
+        mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+        nifti_mod._FILE_MODE = None
+    assert mode == 0o640, oct(mode)

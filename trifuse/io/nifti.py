@@ -173,6 +173,23 @@ def sweep_dead_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _file_mode() -> int:
+    """Mode of a new regular file under this process's umask (what ``open(path, "w")`` gives)."""
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        try:  # /proc reads the umask without changing it (os.umask would, racing other threads)
+            with open("/proc/self/status") as fh:
+                mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError):
+            mask = os.umask(0o022)
+            os.umask(mask)
+        _FILE_MODE = 0o666 & ~mask
+    return _FILE_MODE
+
+
+_FILE_MODE: int | None = None
+
+
 def atomic_path(path: Path, suffix: str | None = None) -> Path:
     """A temporary sibling of ``path`` (same folder, so ``os.replace`` is atomic), tagged with
     this writer (:func:`temp_prefix`).
@@ -184,7 +201,11 @@ def atomic_path(path: Path, suffix: str | None = None) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name),
                                suffix=".tmp" + "".join(path.suffixes) if suffix is None else suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        # mkstemp makes 0600 files; outputs get the umask's mode like any file (shared clusters, group-readable runs)
+        os.fchmod(fd, _file_mode())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

@@ -110,8 +110,14 @@ class TeacherTargetCache:
 
     # --- building ---------------------------------------------------------------------
     def check_stamp(self) -> None:
-        """Create the folder's stamp, or refuse a folder stamped by another checkpoint/setting."""
+        """Create the folder's stamp, or refuse a folder stamped by another checkpoint/setting.
+
+        Temporaries left by a killed build (tagged with a dead writer) are removed first.
+        """
+        from trifuse.io.nifti import sweep_dead_temps
+
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep_dead_temps(self.root)
         path = self.root / "stamp.json"
         if path.exists():
             have = json.loads(path.read_text())

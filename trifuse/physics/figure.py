@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +154,11 @@ def render_physics_figure(sample: dict, out_png: str | os.PathLike, ct_model: CT
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    from trifuse.io.nifti import atomic_target
+
     try:
-        fig.savefig(tmp, dpi=dpi, facecolor="black")
-        os.replace(tmp, out)
+        with atomic_target(out, "figure") as tmp:  # tagged temporary, swept after a kill
+            fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
