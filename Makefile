@@ -152,7 +152,8 @@ ablations: setup
 
 # --- the main job: the whole three-tier pipeline on the built-in synthetic cohort, on CPU -------
 # synth → preprocess → fit-ct → teachers → describe (offline) → clip → semantic → student and
-# ablations → predict (held-out cohort) → evaluate → figures → report (its path is printed).
+# ablations → predict (held-out cohort) → evaluate → figures (held-out truth vs prediction, the student's
+# TC/ET attention beside its priors, cohort, physics, semantic) → report (its path is printed).
 # Every stage skips work already done, so a second `make demo` only redoes what changed.
 DEMO_ABLATIONS ?= $(ABLATIONS)
 DEMO_CLIP_EPOCHS ?= 12
@@ -171,10 +172,14 @@ demo: setup
 	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)" ARGS="$(DEMO_TRAIN_ARGS) $(ARGS)"
 	$(TRIFUSE) predict --ckpt runs/student/full/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred
 	$(TRIFUSE) evaluate --pred runs/demo/pred --data data/synthetic-test --out reports/demo/eval
+	$(TRIFUSE) figures cases --data data/synthetic-test --pred runs/demo/pred --out reports/demo/cases.png
+	$(TRIFUSE) figures attention --ckpt runs/student/full/checkpoints/best.ckpt --data data/synthetic-test \
+		--cases $(DEMO_TEST_N) --out reports/demo/attention.png
 	$(TRIFUSE) figures cohort --data data/synthetic --out reports/demo/cohort.png
 	$(TRIFUSE) figures physics --data data/synthetic --out reports/demo/physics.png
 	$(TRIFUSE) figures semantic --data data/synthetic --out reports/demo/semantic.png
 	$(TRIFUSE) report --out reports/demo --eval reports/demo/eval \
 		--teachers runs/teachers/mri runs/teachers/us runs/teachers/ct \
 		--runs $(addprefix runs/student/,$(DEMO_ABLATIONS)) \
-		--figures reports/demo/cohort.png reports/demo/physics.png reports/demo/semantic.png reports/ablations/compare.png
+		--figures reports/demo/cases.png reports/demo/attention.png reports/demo/cohort.png reports/demo/physics.png \
+		reports/demo/semantic.png reports/ablations/compare.png

@@ -1,6 +1,7 @@
 """``trifuse figures KIND``: PNG figures for checking each stage by eye."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from lightning_app.stages import StageError
@@ -73,8 +74,32 @@ def _physics(args, out: Path) -> None:
     render_physics_figure(sample, out, ct_model=ct_model if ct_model.exists() else None)
 
 
+def _cases(args, out: Path) -> None:
+    """Truth and prediction of each held-out case in three views, Dice per region in the row title."""
+    from lightning_app.stages.evaluate import resolve_data
+    from trifuse.figures.cases import cases_figure_from_folders
+
+    if not args.pred:
+        raise StageError("figures cases needs --pred PRED_DIR (the trifuse predict output of the --data cases)")
+    cases_figure_from_folders(resolve_data(args.data), args.pred, out, max_cases=args.cases or 8, case=args.case)
+
+
+def _attention(args, out: Path) -> None:
+    """The student's TC/ET attention maps next to the priors it received (the method paper's Figure 3)."""
+    from lightning_app.stages.evaluate import resolve_data
+    from trifuse.figures.attention import NoAttentionError, attention_figure_from_data
+
+    if not args.ckpt:
+        raise StageError("figures attention needs --ckpt STUDENT_CKPT (e.g. runs/student/full/checkpoints/best.ckpt)")
+    try:
+        attention_figure_from_data(args.ckpt, resolve_data(args.data), out, max_cases=args.cases or 4, case=args.case,
+                                   device=args.device, tta=args.tta, describer=args.describer)
+    except NoAttentionError as exc:
+        raise StageError(f"{args.ckpt}: {exc}; no figure written") from None
+
+
 #: figure kind → renderer(args, out_png); other tiers add theirs here
-KINDS = {"cohort": _cohort, "semantic": _semantic, "physics": _physics}
+KINDS = {"cohort": _cohort, "semantic": _semantic, "physics": _physics, "cases": _cases, "attention": _attention}
 
 
 def run(args) -> int:
@@ -90,4 +115,12 @@ def register(sub) -> None:
     s.add_argument("--data", default="data/synthetic", help="dataset folder")
     s.add_argument("--case", default=None, help="case id (default: the first)")
     s.add_argument("--out", default=None, help="PNG path (default reports/figures/KIND.png)")
+    s.add_argument("--pred", default=None, help="cases: folder of <case_id>.nii.gz predictions of the --data cases")
+    s.add_argument("--ckpt", default=None, help="attention: student checkpoint (with semantic priors)")
+    s.add_argument("--cases", type=int, default=None, help="cases / attention: how many cases (default 8 / 4)")
+    s.add_argument("--device", default="auto", help="attention: auto (cuda if available), cpu or cuda[:N]")
+    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="attention: average the maps and prediction over the 8 mirrorings (default off: one pass)")
+    s.add_argument("--describer", choices=("as-trained", "offline"), default="as-trained",
+                   help="attention: describer of the priors (as `trifuse predict --describer`)")
     s.set_defaults(func=run)
