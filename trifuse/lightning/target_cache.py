@@ -16,7 +16,7 @@ second build skips finished cases. A folder stamped by another teacher checkpoin
 
 At training time :meth:`TeacherTargetCache.crop` replays on the stored maps the spatial
 steps recorded in the patch's meta, exactly as the label went through them
-(:func:`patch_geometry`): the crop ``patch_box`` with its zero padding, flips, and the
+(:func:`trifuse.geometry.patch_geometry`): the crop ``patch_box`` with its zero padding, flips, and the
 rotation and scaling of :class:`~trifuse.transforms.RandomAugment` and
 :class:`~trifuse.transforms.NNUNetAugment`. Logits are resampled trilinearly at the
 patch's voxels; the bottleneck by the same geometric map on its own 1/8 grid (see
@@ -29,13 +29,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trifuse import keys
+from trifuse.geometry import PatchGeometry, patch_geometry, regrid, resample as _resample  # noqa: F401 (re-exported: PatchGeometry, patch_geometry)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class TeacherTargetCache:
     def replayable(meta: dict) -> bool:
         """True when the patch's targets can be cut from the stored maps: it has a recorded ``patch_box``.
 
-        Every spatial step the loader records is replayed (:func:`patch_geometry`): the crop and
+        Every spatial step the loader records is replayed (:func:`trifuse.geometry.patch_geometry`): the crop and
         its zero padding, flips, :class:`~trifuse.transforms.RandomAugment`'s rotation and
         :class:`~trifuse.transforms.NNUNetAugment`'s rotation and scaling.
         """
@@ -230,133 +231,8 @@ class TeacherTargetCache:
         domain = [(max(0, lo + int(p)), min(int(n), hi + int(p))) for (lo, hi), p, n in zip(geo.crop, pb, info["padded"])]
         logits = np.load(self.root / f"{case_id}.logits.npy", mmap_mode="r")
         out_logits = _resample(logits, m, t, patch_size, domain, info["fill_logits"], device)
-        h = (STRIDE - 1) / 2
-        t_b = (m @ np.full(3, h) + t - h) / STRIDE
+        m_b, t_b = regrid(m, t, STRIDE, STRIDE)  # = (m, (m·3.5 + t − 3.5)/8)
         domain_b = [(lo // STRIDE, -(-hi // STRIDE)) for lo, hi in domain]
         bott = np.load(self.root / f"{case_id}.bottleneck.npy", mmap_mode="r")
-        out_bott = _resample(bott, m, t_b, bottleneck_size, domain_b, info["fill_bottleneck"], device)
+        out_bott = _resample(bott, m_b, t_b, bottleneck_size, domain_b, info["fill_bottleneck"], device)
         return out_logits, out_bott
-
-
-class PatchGeometry(NamedTuple):
-    """Where a training patch came from in its cropped case.
-
-    Attributes:
-        matrix, offset: output patch voxel ``o`` (index ``(d, h, w)``) was read at case voxel
-            ``x = matrix @ o + offset`` (cropped-case indices, float).
-        crop: ``[lo, hi)`` per axis (case voxels, may reach outside the case: the loader's
-            zero padding): the crop the patch was resampled from; it read zeros elsewhere.
-    """
-
-    matrix: np.ndarray
-    offset: np.ndarray
-    crop: list[tuple[int, int]]
-
-
-def _flip_map(axes: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    m, t = np.eye(3), np.zeros(3)
-    for ax in axes:
-        m[ax, ax], t[ax] = -1.0, size[ax] - 1
-    return m, t
-
-
-def _centred_map(a: np.ndarray, size_in: Sequence[int], size_out: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """MONAI's convention for ``Rotate``/``Affine``: ``x_in = A (o − (n_out − 1)/2) + (n_in − 1)/2``."""
-    c_in = (np.asarray(size_in, dtype=np.float64) - 1) / 2
-    c_out = (np.asarray(size_out, dtype=np.float64) - 1) / 2
-    return a, c_in - a @ c_out
-
-
-def patch_geometry(meta: dict, patch_size: Sequence[int]) -> PatchGeometry:
-    """Compose the spatial steps recorded in ``meta`` (crop, padding, augmentation) into one affine map.
-
-    Replays, in their order: ``RandomPatch`` (the box of the crop, zero-padded centred to the
-    crop size), :class:`~trifuse.transforms.RandomAugment` (flips, then rotation about the
-    patch centre, keeping its size) and :class:`~trifuse.transforms.NNUNetAugment` (rotation
-    and scaling of the larger crop to the centred patch, then flips). Other recorded
-    transforms do not move voxels.
-    """
-    from trifuse.transforms import NNUNetAugment, affine_matrix
-
-    patch = tuple(int(p) for p in patch_size)
-    applied = meta.get("applied", [])
-    box = [[int(a), int(b)] for a, b in meta["patch_box"]]
-    nn_aug = next((a for a in applied if a.get("name") == "NNUNetAugment"), None)
-    patch_rec = next((a for a in applied if a.get("name") == "RandomPatch"), {})
-    if "size" in patch_rec:
-        size = tuple(int(s) for s in patch_rec["size"])
-    elif nn_aug is not None:  # older records: the crop size NNUNetAugment asked the loader for
-        size = NNUNetAugment().input_size(patch, nn_aug)
-    else:
-        size = patch
-    start = [a - (s - (b - a)) // 2 for (a, b), s in zip(box, size)]  # _pad_to puts extra // 2 before
-    m, t = np.eye(3), np.asarray(start, dtype=np.float64)
-    crop = [(s0, s0 + s) for s0, s in zip(start, size)]
-    cur = size
-
-    def then(step):  # x = m (m_s o + t_s) + t
-        nonlocal m, t
-        m_s, t_s = step
-        m, t = m @ m_s, m @ t_s + t
-
-    for a in applied:
-        name = a.get("name")
-        if name == "RandomAugment":
-            if a.get("flip_axes"):
-                then(_flip_map(a["flip_axes"], cur))
-            if "rotate_rad" in a:
-                then(_centred_map(affine_matrix(a["rotate_rad"]).numpy(), cur, cur))  # (its "scale" is an intensity scale)
-        elif name == "NNUNetAugment":
-            if "rotate_rad" in a or "scale" in a:
-                then(_centred_map(affine_matrix(a.get("rotate_rad"), a.get("scale")).numpy(), cur, patch))
-            elif tuple(cur) != patch:  # centre crop of a larger input
-                then((np.eye(3), np.asarray([(n - q) // 2 for n, q in zip(cur, patch)], dtype=np.float64)))
-            cur = patch
-            if a.get("flip_axes"):
-                then(_flip_map(a["flip_axes"], cur))
-    if tuple(cur) != patch:
-        raise ValueError(f"patch of {patch} voxels, but its recorded crop and augmentation give {tuple(cur)}")
-    return PatchGeometry(m, t, crop)
-
-
-def _read(store: np.ndarray, sl: Sequence[slice], device: torch.device) -> torch.Tensor:
-    """``store[:, sl]`` as fp32 on ``device`` (float16 copied as is, converted by torch: numpy's
-    half conversion is several times slower)."""
-    return torch.from_numpy(np.array(store[(slice(None), *sl)])).to(device).float()
-
-
-def _resample(store: np.ndarray, m: np.ndarray, t: np.ndarray, out_size: Sequence[int], domain, fill,
-              device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """``out[:, o] = store[:, m @ o + t]`` (trilinear) for ``o`` over ``out_size``, fp32 on ``device``.
-
-    Only ``domain`` (``[lo, hi)`` per axis of ``store``) is read; outside it the value is
-    ``fill`` (per channel), blended at the edge by the trilinear weights (as MONAI's zero
-    padding blends the image). A signed-identity ``m`` with an integral ``t`` inside the domain
-    (crops and flips) is copied, without interpolation.
-    """
-    out_size = tuple(int(s) for s in out_size)
-    fill_t = torch.as_tensor(fill, dtype=torch.float32, device=device)[:, None, None, None]
-    signs, t_int = np.diag(m), np.round(t)
-    if np.allclose(np.abs(m), np.eye(3)) and np.allclose(t, t_int, atol=1e-6):
-        lo = [int(ti) if s > 0 else int(ti) - p + 1 for s, ti, p in zip(signs, t_int, out_size)]
-        if all(d0 <= a and a + p <= d1 for a, p, (d0, d1) in zip(lo, out_size, domain)):
-            out = _read(store, [slice(a, a + p) for a, p in zip(lo, out_size)], device)
-            flips = [1 + i for i, s in enumerate(signs) if s < 0]
-            return out.flip(flips) if flips else out
-    corners = np.stack(np.meshgrid(*[[0, p - 1] for p in out_size], indexing="ij")).reshape(3, -1).astype(np.float64)
-    x = m @ corners + t[:, None]
-    lo = [max(d0, int(np.floor(v))) for v, (d0, _) in zip(x.min(1), domain)]
-    hi = [min(d1, int(np.floor(v)) + 2) for v, (_, d1) in zip(x.max(1), domain)]
-    if any(b <= a for a, b in zip(lo, hi)):
-        return fill_t.expand(-1, *out_size).clone()
-    region = _read(store, [slice(a, b) for a, b in zip(lo, hi)], device) - fill_t
-    # index maps -> grid_sample's normalised coordinates (align_corners=False: index i <-> (2i + 1)/n - 1)
-    n = np.asarray(region.shape[1:], dtype=np.float64)
-    p = np.asarray(out_size, dtype=np.float64)
-    a = np.diag(2 / n) @ m @ np.diag(p / 2)
-    b = np.diag(2 / n) @ (m @ ((p - 1) / 2) + t - np.asarray(lo)) + 1 / n - 1
-    theta = torch.zeros(1, 3, 4, dtype=torch.float64)
-    theta[0, :, :3] = torch.from_numpy(a[::-1, ::-1].copy())  # grid_sample's x, y, z are W, H, D
-    theta[0, :, 3] = torch.from_numpy(b[::-1].copy())
-    grid = F.affine_grid(theta.float().to(device), (1, region.shape[0], *out_size), align_corners=False)
-    return F.grid_sample(region[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + fill_t

@@ -12,9 +12,16 @@ the matching sub-box, resampled to the patch grid divided by ``factor`` (or to
   case coordinate ``x = box_start − pad + u``, read from the prior by trilinear
   sampling (``grid_sample``, ``align_corners=False``: ``g = 2(x + ½)/N − 1`` for a case
   axis of ``N`` voxels) and set to 0 in the padding, like the image;
-* the flips and rotations that :class:`~trifuse.transforms.RandomAugment` recorded in
-  ``meta["applied"]`` are replayed on the prior (the prior grid is the patch grid
-  scaled by the same factor on every axis, so the same angles apply).
+* every spatial step recorded in ``meta["applied"]`` is followed as the label and image
+  followed it: :func:`trifuse.geometry.patch_geometry` (the map the teacher-target cache
+  uses) composes the crop and its padding, :class:`~trifuse.transforms.RandomAugment`'s
+  flips and rotation and :class:`~trifuse.transforms.NNUNetAugment`'s rotation and scaling
+  of its larger crop, centre crop and flips into "patch voxel ``o`` read case voxel
+  ``M o + t``"; output cell ``j`` (centre at patch voxel ``s j + (s − 1)/2``, ``s = p/q``)
+  reads the prior at that case voxel (:func:`~trifuse.geometry.regrid`), trilinearly, and is 0
+  where it lies outside the patch box (the image is 0 there). A crop with flips only (no
+  rotation or scaling) takes the exact path above and flips its cells, bit-identical to
+  earlier versions.
 """
 from __future__ import annotations
 
@@ -59,21 +66,44 @@ def crop_prior(prior: torch.Tensor, case_shape: Sequence[int], box: Sequence[Seq
     return out * mask
 
 
-def replay_augmentation(prior: torch.Tensor, applied: Sequence[dict]) -> torch.Tensor:
-    """Apply the flips/rotations recorded by ``RandomAugment`` to a (C, d, h, w) prior."""
-    for a in applied:
-        if not isinstance(a, dict) or a.get("name") != "RandomAugment":
-            continue
-        if a.get("flip_axes"):
-            prior = prior.flip([1 + int(ax) for ax in a["flip_axes"]])
-        if "rotate_rad" in a:
-            from monai.data import set_track_meta
-            from monai.transforms import Rotate
+def patch_prior(prior: torch.Tensor, case_shape: Sequence[int], meta: dict, patch_shape: Sequence[int],
+                out_shape: Sequence[int]) -> torch.Tensor:
+    """The case prior as the patch of ``meta`` sees it, on an ``out_shape`` grid.
 
-            set_track_meta(False)
-            prior = Rotate(a["rotate_rad"], keep_size=True, mode="bilinear", padding_mode="zeros")(prior.float())
-            prior = torch.as_tensor(prior)
-    return prior
+    Args:
+        prior: (C, d, h, w) prior over the whole cropped case.
+        case_shape: (D, H, W) voxels of the cropped case.
+        meta: the patch's meta (``patch_box`` and the ``applied`` steps).
+        patch_shape: (p_D, p_H, p_W) of the (augmented) patch.
+        out_shape: output grid.
+
+    Returns:
+        (C, *out_shape) float32: output cell ``j`` is the prior at case voxel
+        ``M (s j + (s − 1)/2) + t`` (:func:`~trifuse.geometry.patch_geometry`, ``s = p/q``);
+        0 outside the patch box.
+    """
+    from trifuse.geometry import patch_geometry, regrid, sample_affine
+
+    box = [[int(a), int(b)] for a, b in meta["patch_box"]]
+    geo = patch_geometry(meta, patch_shape)
+    m, t = geo.matrix, geo.offset
+    cell_out = np.asarray(patch_shape, dtype=np.float64) / np.asarray(out_shape, dtype=np.float64)
+    flips = [1 + i for i in range(3) if m[i, i] < 0]
+    start = [t[i] - (int(p) - 1 if m[i, i] < 0 else 0) for i, p in enumerate(patch_shape)]
+    if np.allclose(np.abs(m), np.eye(3)) and np.allclose(start, [a - max(0, int(p) - (b - a)) // 2 for (a, b), p in zip(box, patch_shape)]):
+        # a crop with flips only: crop_prior's own arithmetic (as before), cells flipped exactly
+        out = crop_prior(prior, case_shape, box, patch_shape, out_shape)
+        return out.flip(flips) if flips else out
+    cell_in = np.asarray(case_shape, dtype=np.float64) / np.asarray(prior.shape[1:], dtype=np.float64)
+    m_c, t_c = regrid(m, t, cell_out, cell_in)  # output cell -> prior cell
+    out = sample_affine(prior.float(), m_c, t_c, out_shape, padding_mode="border")
+    m_x, t_x = regrid(m, t, cell_out, 1.0)  # output cell -> case voxel
+    j = np.stack(np.meshgrid(*[np.arange(int(q), dtype=np.float64) for q in out_shape], indexing="ij")).reshape(3, -1)
+    x = m_x @ j + t_x[:, None]
+    lo = np.asarray([a for a, _ in box], dtype=np.float64)[:, None] - 0.5 - 1e-6
+    hi = np.asarray([b for _, b in box], dtype=np.float64)[:, None] - 0.5 + 1e-6
+    inside = torch.from_numpy(((x > lo) & (x < hi)).all(0).reshape(tuple(int(q) for q in out_shape)))
+    return out * inside
 
 
 class LoadPriors(SampleTransform):
@@ -144,8 +174,7 @@ class LoadPriors(SampleTransform):
             case_shape = data["meta"].get("cropped_shape") or meta.get("cropped_shape")
             patch_shape = tuple(sample[keys.MRI].shape[-3:])
             out = self.out_shape(patch_shape)
-            prior = crop_prior(prior, case_shape, box, patch_shape, out)
-            prior = replay_augmentation(prior, meta.get("applied", []))
+            prior = patch_prior(prior, case_shape, meta, patch_shape, out)
             prior = prior.clamp(0, 1).to(torch.float16)
             params.update(patch_box=[list(b) for b in box], size=list(out))
         else:
