@@ -13,6 +13,10 @@ of ``--steps``:
   (random/WT/TC/ET), nnU-Net augmentation (:class:`trifuse.transforms.NNUNetAugment`),
   Gaussian sliding window; rows "ours" (raw) and "ours+pp" (with the post-processing decided
   on the fold's validation cases at that step and stored in the checkpoint).
+* **defaults** — the teacher defaults before issue 10 (``configs/teacher_mri.yaml`` then:
+  SegResNet without deep supervision, per-sample Dice + BCE, foreground sampling p=0.5,
+  RandomAugment, lr 1e-3), at the same width, patch, batch and steps: the configured choice
+  measured against the old defaults.
 * **monai** — MONAI's BraTS tutorial (``brats_segmentation_3d``): ``SegResNet``
   (``blocks_down=[1,2,2,4]``, ``blocks_up=[1,1,1]``, dropout 0.2), ``DiceLoss(smooth_nr=0,
   smooth_dr=1e-5, squared_pred=True, sigmoid=True)``, Adam (wd 1e-5) with cosine annealing,
@@ -25,7 +29,7 @@ of ``--steps``:
   cases favours the anchor, which only makes the comparison harder for us.
 
 Prints one table (steps × recipe: Dice WT/TC/ET/mean, HD95 WT/TC/ET/mean, seconds), the
-ratio of our mean Dice over MONAI's at each step count, and writes ``results.json``.
+ratios of our mean Dice over the old defaults' and MONAI's at each step count, and writes ``results.json``.
 Nothing asserts: read the figures.
 
 Usage (about an hour on 2 CPU cores with the defaults)::
@@ -193,13 +197,19 @@ def with_pixel_tier(samples: list[dict], transforms, cache: Path) -> list[dict]:
 
 
 # --- our recipe --------------------------------------------------------------------------------
-def ours(args, train_cache: Path, samples, val_samples, out: Path) -> list[dict]:
+def ours(args, train_cache: Path, samples, val_samples, out: Path, defaults: bool = False) -> list[dict]:
+    """Our recipe; ``defaults=True`` trains the teacher defaults before issue 10 instead (row
+    "defaults"): SegResNet without deep supervision, per-sample Dice + BCE, foreground
+    sampling with p=0.5 (no class ratios), RandomAugment (flips, small rotation of the cropped
+    patch, intensity), AdamW lr 1e-3 one-cycle with 20 % warm-up (configs/teacher_mri.yaml
+    before this issue, at the same width, patch, batch and steps)."""
     from trifuse.lightning.data import BratsDataModule
     from trifuse.lightning.teacher import OneCycleCosine, TeacherModule
     from trifuse.losses import RegionDiceBCELoss
-    from trifuse.nets import SegResNetDSBackbone
+    from trifuse.nets import SegResNetBackbone, SegResNetDSBackbone
 
     L.seed_everything(0, workers=True)
+    name = "defaults" if defaults else "ours"
     p = args.patch
     dm = BratsDataModule(
         data_dir=str(train_cache),  # unused: the cache exists
@@ -208,8 +218,9 @@ def ours(args, train_cache: Path, samples, val_samples, out: Path) -> list[dict]
         batch_size=args.batch,
         num_workers=args.workers,
         samples_per_epoch=args.batch * 50,
-        class_ratios=[1.0, 1.0, 1.0, 1.0],
-        augment="nnunet",
+        class_ratios=None if defaults else [1.0, 1.0, 1.0, 1.0],
+        fg_prob=0.5,
+        augment=True if defaults else "nnunet",
         seed=0,
         sample_transforms=pixel_transforms(args.modality, args.pixel),
     )
@@ -219,23 +230,28 @@ def ours(args, train_cache: Path, samples, val_samples, out: Path) -> list[dict]
         from trifuse.lightning import teacher as teacher_mod
 
         teacher_mod.INPUT_CHANNELS = {**teacher_mod.INPUT_CHANNELS, keys.CT: 1}
-    net = SegResNetDSBackbone(in_channels=channels, out_channels=3, init_filters=args.filters, dsdepth=3)
+    if defaults:
+        net = SegResNetBackbone(in_channels=channels, out_channels=3, init_filters=args.filters, blocks_down=(1, 2, 2, 4))
+        criterion, lr, pct = RegionDiceBCELoss(), 1e-3, 0.2
+    else:
+        net = SegResNetDSBackbone(in_channels=channels, out_channels=3, init_filters=args.filters, dsdepth=3)
+        criterion, lr, pct = RegionDiceBCELoss(batch=True, ds_weights="exp"), args.lr, 0.1
     model = TeacherModule(
         modality=args.modality,
         net=net,
-        criterion=RegionDiceBCELoss(batch=True, ds_weights="exp"),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4),
-        scheduler=functools.partial(OneCycleCosine, pct_start=0.1),  # total_steps from the trainer
+        criterion=criterion,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4),
+        scheduler=functools.partial(OneCycleCosine, pct_start=pct),  # total_steps from the trainer
         roi_size=(p, p, p),
         sw_batch_size=2,
         overlap=0.5,
         keep_val_example=False,
     )
-    cb = HeldOutEval("ours", args.steps, samples, lambda m: m.infer, with_post=True, val_cases=val_samples, inputs=model.inputs)
+    cb = HeldOutEval(name, args.steps, samples, lambda m: m.infer, with_post=not defaults, val_cases=val_samples, inputs=model.inputs)
     trainer = L.Trainer(
         max_steps=max(args.steps), accelerator="cpu", devices=1, precision="32-true", logger=False,
         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb],
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out / "ours"),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out / name),
     )
     trainer.fit(model, datamodule=dm)
     return cb.rows
@@ -372,6 +388,9 @@ def ratios(rows: list[dict]) -> str:
         o = [r for r in rows if r["steps"] == step and r["recipe"] == "ours"]
         op = [r for r in rows if r["steps"] == step and r["recipe"] == "ours+pp"]
         m = [r for r in rows if r["steps"] == step and r["recipe"].startswith("monai")]
+        d = [r for r in rows if r["steps"] == step and r["recipe"] == "defaults"]
+        if o and d:
+            out.append(f"step {step}: ours/defaults mean Dice = {o[0]['dice_mean']:.3f}/{d[0]['dice_mean']:.3f} = {o[0]['dice_mean'] / max(d[0]['dice_mean'], 1e-9):.2f}")
         if o and m:
             bm = max(m, key=lambda r: r["dice_mean"])
             line = f"step {step}: ours/monai mean Dice = {o[0]['dice_mean']:.3f}/{bm['dice_mean']:.3f} = {o[0]['dice_mean'] / max(bm['dice_mean'], 1e-9):.2f}"
@@ -392,12 +411,12 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--filters", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3, help="our peak lr (one-cycle)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="our peak lr (one-cycle)")
     ap.add_argument("--monai-lrs", type=lambda s: [float(v) for v in s.split(",")], default=[1e-4, 3e-4, 1e-3])
     ap.add_argument("--select-at", type=int, default=500)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="ours,monai")
+    ap.add_argument("--recipes", default="ours,defaults,monai", help="comma list of ours, defaults (the teacher defaults before issue 10), monai")
     ap.add_argument("--modality", choices=[keys.MRI, keys.US, keys.CT], default=keys.MRI,
                     help="which teacher our recipe trains (us/ct: their pixel tier on the fly; MONAI's recipe is MRI only)")
     ap.add_argument("--pixel", choices=["case", "patch"], default="case",
@@ -424,6 +443,9 @@ def main(argv=None) -> int:
     recipes = args.recipes.split(",")
     if "ours" in recipes:
         rows += ours(args, train_cache, samples, val_samples, out)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if "defaults" in recipes:
+        rows += ours(args, train_cache, samples, val_samples, out, defaults=True)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     if "monai" in recipes:
         rows += monai_recipe(args, train_cache, samples, out)
