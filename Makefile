@@ -183,3 +183,20 @@ demo: setup
 		--runs $(addprefix runs/student/,$(DEMO_ABLATIONS)) \
 		--figures reports/demo/cases.png reports/demo/attention.png reports/demo/cohort.png reports/demo/physics.png \
 		reports/demo/semantic.png reports/ablations/compare.png
+
+# --- the full-size path: one BraTS-grid case (1 mm, 240×240×155, a seed apart from the training
+# and held-out cohorts) predicted by the demo's checkpoint, trained on 2 mm cases, through the
+# spacing-aware path (resampled to the training spacing, probabilities resampled back), then scored.
+# predict writes $(FULLSIZE_PRED).predict.json beside it (shape, spacing, model spacing, seconds);
+# `trifuse report --fullsize $(FULLSIZE_EVAL)` gives the case its section.
+FULLSIZE_CKPT ?= runs/student/full/checkpoints/best.ckpt
+FULLSIZE_SEED ?= 2000
+FULLSIZE_DATA ?= data/synthetic-full
+FULLSIZE_PRED ?= runs/demo/pred-full
+FULLSIZE_EVAL ?= reports/demo/eval-full
+.PHONY: demo-fullsize
+demo-fullsize: export WANDB_MODE ?= offline
+demo-fullsize: setup
+	$(TRIFUSE) synth --out $(FULLSIZE_DATA) --n 1 --seed $(FULLSIZE_SEED) --size full
+	$(TRIFUSE) predict --ckpt $(FULLSIZE_CKPT) --input $(FULLSIZE_DATA) --output $(FULLSIZE_PRED)
+	$(TRIFUSE) evaluate --pred $(FULLSIZE_PRED) --data $(FULLSIZE_DATA) --out $(FULLSIZE_EVAL)

@@ -370,7 +370,11 @@ class Predictor:
         one decoded case in memory at a time.
 
         Returns:
-            ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {case_id: s}}``.
+            ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {case_id: s},
+            "cases": {case_id: record}}``, a record per written case: its ``input_shape`` and
+            ``input_spacing`` (mm, the reference image's), the ``model_spacing`` it was predicted
+            at (the checkpoint's training spacing, ``None`` when not recorded), ``resampled``,
+            ``tta`` and ``seconds``.
         """
         from trifuse.io.discovery import discover_cases
         from trifuse.io.nifti import DataError, sweep_dead_temps, write_nifti
@@ -381,7 +385,7 @@ class Predictor:
         single = len(records) == 1
         if output.name.endswith(NIFTI_SUFFIXES) and not single:
             raise ValueError(f"{output}: a file name needs a single input case, but {input_dir} holds {len(records)}")
-        result: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}}
+        result: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}, "cases": {}}
         sweep_dead_temps(output_path(output, records[0].case_id, single).parent)  # a killed run's temporaries
         for i, rec in enumerate(records):
             if i % shard[1] != shard[0]:
@@ -413,6 +417,15 @@ class Predictor:
             dt = time.perf_counter() - t0
             result["written"].append(rec.case_id)
             result["seconds"][rec.case_id] = dt
+            spacing = [float(v) for v in ref.spacing]
+            result["cases"][rec.case_id] = {
+                "input_shape": [int(n) for n in full.shape],
+                "input_spacing": spacing,
+                "model_spacing": self.target_spacing,
+                "resampled": self.needs_resampling(spacing),
+                "tta": self.tta,
+                "seconds": dt,
+            }
             if report:
                 report(i + 1, len(records), rec.case_id, f"{dest} ({dt:.1f} s)")
         return result

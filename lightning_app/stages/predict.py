@@ -5,7 +5,10 @@ prepares the input as the cache does, resamples it to the training spacing recor
 checkpoint, runs sliding-window inference (with test-time mirroring unless ``--no-tta``),
 resamples the probabilities back, applies the post-processing stored in the checkpoint
 (unless ``--no-postprocess``) and writes ``OUT_DIR/<case_id>.nii.gz`` (uint8 labels in the
-input year's convention, the input's grid, affine and header) atomically.
+input year's convention, the input's grid, affine and header) atomically, and records each
+written case beside the output folder in ``OUT_DIR.predict.json`` (:func:`log_path`: input
+shape and spacing, the model's training spacing, whether it was resampled, seconds; earlier
+records are kept), so that the folder itself holds only the label maps.
 
 Cases whose output exists are skipped (``--overwrite`` to redo them); failed cases are
 listed and the command exits 1 after the others are done.
@@ -17,6 +20,38 @@ import sys
 from pathlib import Path
 
 from lightning_app.stages import StageError, progress
+
+#: suffix of the per-case record of a prediction run (read by ``trifuse report --fullsize``)
+LOG_SUFFIX = ".predict.json"
+
+
+def log_path(output) -> Path:
+    """The prediction log beside ``output``: ``pred/`` → ``pred.predict.json``, ``x/seg.nii.gz`` → ``x/seg.predict.json``."""
+    from trifuse.inference import NIFTI_SUFFIXES
+
+    output = Path(output)
+    output = output if output.name else output.resolve()  # `--output .`
+    name = output.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return output.with_name(name + LOG_SUFFIX)
+
+
+def write_log(output, ckpt, cases: dict) -> Path | None:
+    """Merge the records of the cases written now into the prediction log (atomic); ``None`` if none."""
+    import json
+
+    from trifuse.io.nifti import atomic_write_text
+
+    if not cases:
+        return None
+    path = log_path(output)
+    old = json.loads(path.read_text()).get("cases", {}) if path.is_file() else {}
+    old.update({cid: {**rec, "ckpt": str(ckpt)} for cid, rec in cases.items()})
+    atomic_write_text(path, json.dumps({"cases": dict(sorted(old.items()))}, indent=2) + "\n")
+    return path
 
 
 def predict_cases(
@@ -41,7 +76,8 @@ def predict_cases(
     every ``workers``-th case (``shard``), with the CPU threads shared out between them.
 
     Returns:
-        ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {...}}``.
+        ``{"written": [...], "skipped": [...], "failed": {case_id: [problems]}, "seconds": {...}, "cases": {...}}``
+        (``cases``: the per-case records of :meth:`trifuse.inference.Predictor.predict_folder`).
 
     Raises:
         FileNotFoundError / ValueError: no input, no checkpoint, no BraTS case found.
@@ -55,7 +91,7 @@ def predict_cases(
     if output.name.endswith(NIFTI_SUFFIXES) and not single:
         raise ValueError(f"{output}: a file name needs a single input case, but {input_dir} holds {len(records)}")
     if not overwrite and all(output_path(output, r.case_id, single).exists() for r in records):
-        return {"written": [], "skipped": [r.case_id for r in records], "failed": {}, "seconds": {}}
+        return {"written": [], "skipped": [r.case_id for r in records], "failed": {}, "seconds": {}, "cases": {}}
     if workers > 1 and len(records) > 1:
         kw = dict(ckpt=ckpt, input_dir=input_dir, output=output, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
                   overwrite=overwrite, ct_model=ct_model, tta=tta, postprocess=postprocess, describer=describer)
@@ -84,12 +120,12 @@ def _predict_parallel(kw: dict, n: int) -> dict:
     threads = max(1, (os.cpu_count() or 1) // n)
     with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_predict_shard, [kw] * n, [(k, n) for k in range(n)], [threads] * n))
-    merged: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}}
+    merged: dict = {"written": [], "skipped": [], "failed": {}, "seconds": {}, "cases": {}}
     for part in parts:
         for key in ("written", "skipped"):
             merged[key] += part[key]
-        merged["failed"].update(part["failed"])
-        merged["seconds"].update(part["seconds"])
+        for key in ("failed", "seconds", "cases"):
+            merged[key].update(part[key])
     merged["written"].sort()
     merged["skipped"].sort()
     return merged
@@ -112,6 +148,7 @@ def run(args) -> int:
         describer=args.describer,
         workers=args.workers,
     )
+    write_log(args.output, args.ckpt, res["cases"])
     n = len(res["written"]) + len(res["skipped"]) + len(res["failed"])
     print(f"predict: {len(res['written'])} written, {len(res['skipped'])} existing skipped, {len(res['failed'])} failed of {n} case(s) → {args.output}")
     if res["failed"]:
