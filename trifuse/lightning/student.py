@@ -2,7 +2,10 @@
 
 ``L = L_seg + λ_resp(t)·L_resp + λ_feat(t)·L_feat + λ_sem(t)·L_sem (+ L_fuse)``
 
-* ``L_seg``: Dice + BCE on WT/TC/ET;
+* ``L_seg``: Dice + BCE on WT/TC/ET; with the deep-supervised backbone
+  (``backbone="segresnet_ds"``) over every output level, weighted 1, 1/2, 1/4, … and
+  normalised to sum to 1 (:func:`trifuse.losses.deep_supervision_weights`, ``"exp"``); the
+  other losses read the full-resolution level only;
 * ``L_resp``: temperature KL to the teachers' region responses, weighted per region by
   teacher quality and cross-modal alignment (:func:`trifuse.losses.distill.teacher_weights`);
 * ``L_feat``: ``1 − cos(P(F_student), F_fused)`` at the bottleneck, where ``F_fused`` comes
@@ -37,7 +40,7 @@ from trifuse.losses.distill import (
     teacher_weights,
 )
 from trifuse.nets.fusion import CrossModalFusion
-from trifuse.nets.student import StudentNet
+from trifuse.nets.student import StudentNet, full_resolution
 
 
 LAMBDAS = ("resp", "feat", "sem")
@@ -56,6 +59,10 @@ def _per_lambda(value: Union[int, Mapping[str, int]], name: str) -> dict[str, in
 class StudentModule(L.LightningModule):
     """Args:
         init_filters: student SegResNet width.
+        backbone: ``"segresnet"`` (MONAI SegResNet, the default) or ``"segresnet_ds"`` (MONAI
+            SegResNetDS with deep supervision, :class:`~trifuse.nets.backbone.SegResNetDSBackbone`).
+        dsdepth: deep-supervision levels of ``"segresnet_ds"`` (ignored for ``"segresnet"``).
+        batch_dice: pool the Dice of ``L_seg`` over the batch (nnU-Net batch Dice).
         teacher_modalities: teachers whose targets the callback provides (order of fusion inputs).
         teacher_channels: bottleneck channels of the teachers (one int for all, or one per
             teacher; SegResNet with 16 filters: 128).
@@ -112,6 +119,9 @@ class StudentModule(L.LightningModule):
         overlap: float = 0.5,
         compute_hd95: bool = True,
         clip_ckpt: Optional[str] = None,
+        backbone: str = "segresnet",
+        dsdepth: int = 3,
+        batch_dice: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -129,8 +139,11 @@ class StudentModule(L.LightningModule):
             text_dim=text_dim,
             use_film=use_film and use_semantic,
             use_semantic_attention=use_semantic_attention and use_semantic,
+            backbone=backbone,
+            dsdepth=dsdepth,
         )
-        self.criterion = RegionDiceBCELoss()
+        # a list of deep-supervision levels is weighted by ds_weights (normalised to sum to 1)
+        self.criterion = RegionDiceBCELoss(batch=batch_dice, ds_weights="exp")
         if use_feature and self.teacher_modalities:
             self.fusion = CrossModalFusion(self.teacher_channels, width=fusion_width, num_heads=fusion_heads, window=fusion_window)
             bott = {fi.name: fi.channels for fi in self.student.backbone.feature_info}["bottleneck"]
@@ -170,15 +183,17 @@ class StudentModule(L.LightningModule):
         return batch[keys.PRIOR].float(), batch.get(keys.TEXT)
 
     def forward(self, x: torch.Tensor, prior: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.student(x, prior, text)
+        """Full-resolution region logits ``(B, 3, D, H, W)`` (in any mode; training uses every level)."""
+        return full_resolution(self.student(x, prior, text))
 
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch[keys.MRI].float()
         label = batch[keys.LABEL]
         prior, text = self._semantic_inputs(batch)
-        logits, feats, gates = self.student(x, prior, text, return_features=True)
-        losses = {"seg": self.criterion(logits, label)}
+        levels, feats, gates = self.student(x, prior, text, return_features=True)
+        losses = {"seg": self.criterion(levels, label)}  # every deep-supervision level
+        logits = full_resolution(levels)  # the distillation and semantic losses: full resolution only
         step = self.global_step
         lam = {k: s(step) for k, s in self.schedules.items()}
         targets = None
@@ -227,7 +242,7 @@ class StudentModule(L.LightningModule):
         """
         roi = [min(r, s) for r, s in zip(self.hparams.roi_size, x.shape[2:])]
         if prior is None:
-            return sliding_window_inference(x, roi, self.hparams.sw_batch_size, lambda w: self.student(w), self.hparams.overlap, mode="gaussian")
+            return sliding_window_inference(x, roi, self.hparams.sw_batch_size, lambda w: self(w), self.hparams.overlap, mode="gaussian")
         full = F.interpolate(prior.float(), size=x.shape[2:], mode="trilinear", align_corners=False)
         n = x.shape[1]
 
@@ -235,7 +250,7 @@ class StudentModule(L.LightningModule):
             # window: (sw_batch_size, 4 + P, *roi); the case's one text embedding serves every window
             pr = F.interpolate(window[:, n:], scale_factor=0.25, mode="trilinear", align_corners=False) if min(window.shape[2:]) >= 8 else window[:, n:]
             tx = None if text is None else text.expand(window.shape[0], -1)
-            return self.student(window[:, :n], pr, tx)
+            return self(window[:, :n], pr, tx)
 
         return sliding_window_inference(torch.cat([x, full], dim=1), roi, self.hparams.sw_batch_size, predictor, self.hparams.overlap, mode="gaussian")
 
