@@ -193,6 +193,18 @@ def test_student_trains_with_teacher_and_checkpoint_has_no_teacher_weights(synth
     x = torch.randn(1, 4, 16, 16, 16)
     model.eval(), reloaded.eval()
     torch.testing.assert_close(reloaded(x), model(x))
+    # like a teacher's, the checkpoint records the training spacing and the post-processing
+    # decided on the validation cases, and the Predictor takes both from it
+    meta = ckpt["trifuse"]
+    assert dm.target_spacing is not None and meta["spacing"] == pytest.approx(dm.target_spacing)
+    decision = meta["postprocessing"]
+    assert set(decision["min_component_mm3"]) == {"WT", "TC", "ET"} and "et_min_mm3" in decision
+    assert decision["n_cases"] == len(dm.val_ids) == 1
+    assert reloaded.postprocessing_decision == decision and reloaded.train_spacing == pytest.approx(dm.target_spacing)
+    from trifuse.inference import load_model, Predictor
+
+    pred = Predictor(load_model(out, "cpu"))
+    assert pred.decision == decision and pred.target_spacing == pytest.approx(dm.target_spacing)
 
 
 def test_student_predict_needs_only_the_mri(synthetic_cohort, tmp_path):

@@ -39,6 +39,7 @@ from trifuse.losses.distill import (
     semantic_prior_loss,
     teacher_weights,
 )
+from trifuse.lightning.validation_pp import ValidationPostprocessing
 from trifuse.nets.fusion import CrossModalFusion
 from trifuse.nets.student import StudentNet, full_resolution
 
@@ -56,7 +57,7 @@ def _per_lambda(value: Union[int, Mapping[str, int]], name: str) -> dict[str, in
     return {k: int(value) for k in LAMBDAS}
 
 
-class StudentModule(L.LightningModule):
+class StudentModule(ValidationPostprocessing, L.LightningModule):
     """Args:
         init_filters: student SegResNet width.
         backbone: ``"segresnet"`` (MONAI SegResNet, the default) or ``"segresnet_ds"`` (MONAI
@@ -82,6 +83,9 @@ class StudentModule(L.LightningModule):
             warm-up as much as the teachers did. ``scheduler="cosine"`` keeps a per-epoch
             cosine without warm-up, ``"none"`` a constant rate.
         roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size).
+        postprocessing: decide the BraTS post-processing (:mod:`trifuse.postprocess`) on the
+            validation cases at each validation epoch, as the teachers do; the decision and the
+            training spacing go into the checkpoint, and ``trifuse predict`` applies them.
         clip_ckpt: CLIP checkpoint (``trifuse clip``) of the training priors. At fit time it
             is checked against the priors' provenance and embedded in every checkpoint with
             their PriorConfig and describer identity (``checkpoint["trifuse"]["semantic"]``),
@@ -122,6 +126,7 @@ class StudentModule(L.LightningModule):
         backbone: str = "segresnet",
         dsdepth: int = 3,
         batch_dice: bool = False,
+        postprocessing: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -159,6 +164,7 @@ class StudentModule(L.LightningModule):
         self.val_metrics = BratsRegionMetrics(hd95=compute_hd95)
         self.distiller = None  # set by AsyncTeacherDistillation (not a submodule: never saved)
         self.last_val_summary: dict[str, float] = {}
+        self.init_validation_pp(postprocessing)
 
     # --- helpers --------------------------------------------------------------------
     @property
@@ -259,7 +265,9 @@ class StudentModule(L.LightningModule):
         logits = self.infer(batch[keys.MRI].float(), prior, text)
         self.log("val/loss", self.criterion(logits, batch[keys.LABEL]), batch_size=1, sync_dist=True)
         pred = (torch.sigmoid(logits) > 0.5).to(torch.uint8)
-        self.val_metrics.update(pred, batch[keys.LABEL], spacing=[m["spacing"] for m in batch[keys.META]], case_ids=batch[keys.CASE_ID])
+        spacing = [m["spacing"] for m in batch[keys.META]]
+        self.val_metrics.update(pred, batch[keys.LABEL], spacing=spacing, case_ids=batch[keys.CASE_ID])
+        self.pp_update(pred, batch[keys.LABEL], spacing)
 
     def on_validation_epoch_end(self) -> None:
         summary = self.val_metrics.compute()
@@ -267,6 +275,10 @@ class StudentModule(L.LightningModule):
         flat = {f"val/{k}": float(v) for k, v in summary.items() if torch.is_tensor(v) and v.ndim == 0}
         self.log_dict(flat)
         self.last_val_summary = {k.removeprefix("val/"): v for k, v in flat.items()}
+        self.decide_postprocessing()
+
+    def on_fit_start(self) -> None:
+        self.record_train_spacing()
 
     # --- prediction from MRI only ------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -334,6 +346,8 @@ class StudentModule(L.LightningModule):
             "inputs": list(self.inputs),
             "regions": list(keys.REGIONS),
             "teachers": list(self.teacher_modalities),
+            "spacing": self.train_spacing,
+            "postprocessing": self.postprocessing_decision,
         }
         if self.uses_priors:  # self-contained: CLIP export, PriorConfig and describer of the training priors
             bundle = self.__dict__.get("_semantic_bundle")
@@ -348,7 +362,10 @@ class StudentModule(L.LightningModule):
             checkpoint["trifuse"]["semantic"] = bundle
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        bundle = (checkpoint.get("trifuse") or {}).get("semantic")
+        meta = checkpoint.get("trifuse") or {}
+        self.train_spacing = meta.get("spacing")
+        self.postprocessing_decision = meta.get("postprocessing") or {}
+        bundle = meta.get("semantic")
         if bundle is not None:
             self._semantic_bundle = bundle
 

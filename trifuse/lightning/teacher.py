@@ -43,6 +43,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from trifuse import keys
+from trifuse.lightning.validation_pp import ValidationPostprocessing
 from trifuse.schedules import one_cycle_pct_start
 
 #: channels of each image key of the sample (DESIGN.md, "The sample")
@@ -212,7 +213,7 @@ def default_net(in_channels: int = 4, out_channels: int = len(keys.REGIONS)) -> 
     return SegResNetBackbone(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, init_filters=16)
 
 
-class TeacherModule(L.LightningModule):
+class TeacherModule(ValidationPostprocessing, L.LightningModule):
     """An expert teacher of the feature tier: WT/TC/ET region segmentation from one modality.
 
     Args:
@@ -307,14 +308,7 @@ class TeacherModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.keep_val_example = keep_val_example
         self.val_tta = val_tta
-        self.postprocessing = postprocessing
-        from trifuse.postprocess import PostprocessingSearch
-
-        self._pp_search = PostprocessingSearch()
-        #: the post-processing decided on the last validation epoch (saved in checkpoints)
-        self.postprocessing_decision: dict = {}
-        #: median voxel spacing (mm) of the training cases (saved in checkpoints; predict resamples to it)
-        self.train_spacing: Optional[list[float]] = None
+        self.init_validation_pp(postprocessing)
         #: ``{transform name: record}`` of the data module's pixel-tier transforms at fit start
         #: (:meth:`trifuse.physics.transforms.SimulateUltrasound.record`), kept in the checkpoint
         self.pixel_tier: dict = {}
@@ -405,9 +399,7 @@ class TeacherModule(L.LightningModule):
         pred = torch.sigmoid(logits.float()) > self.threshold
         spacing = [m["spacing"] for m in batch[keys.META]]
         self.val_metrics.update(pred, label, spacing=spacing, case_ids=batch[keys.CASE_ID])
-        if self.postprocessing and not self.trainer.sanity_checking:
-            for b in range(pred.shape[0]):
-                self._pp_search.update(pred[b].cpu(), label[b].cpu(), spacing[b])
+        self.pp_update(pred, label, spacing)
         if batch_idx == 0 and self.keep_val_example and self.global_rank == 0 and not self.trainer.sanity_checking:
             from trifuse.lightning.images import triplanar_example
 
@@ -431,29 +423,9 @@ class TeacherModule(L.LightningModule):
         self.last_val_rows = rows
         self.decide_postprocessing()
 
-    def decide_postprocessing(self) -> None:
-        """Decide the post-processing on this epoch's validation cases (all ranks gathered)."""
-        if not self.postprocessing:
-            return
-        cases = self._pp_search.state()
-        self._pp_search.reset()
-        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, cases)
-            cases = [c for part in gathered for c in part]
-        if not cases:
-            return
-        self.postprocessing_decision = self._pp_search.decide(cases)
-        post = {f"val/post_dice_{r}": v["post"] for r, v in self.postprocessing_decision["val_dice"].items()}
-        post["val/post_dice_mean"] = sum(post.values()) / len(post)
-        self.log_dict(post, sync_dist=False)
-        self.last_val_summary.update({k.removeprefix("val/"): v for k, v in post.items()})
-
     def on_fit_start(self) -> None:
+        self.record_train_spacing()
         dm = getattr(self.trainer, "datamodule", None)
-        spacing = getattr(dm, "target_spacing", None) if dm is not None else None
-        if spacing:
-            self.train_spacing = [float(v) for v in spacing]
         # the pixel tier as trained (fitted US mapper, CT mixture): prediction rebuilds it from the checkpoint
         records = {}
         for t in getattr(dm, "sample_transforms", None) or []:
