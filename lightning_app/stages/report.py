@@ -90,6 +90,46 @@ def fullsize_section(eval_dir, out: Path) -> list[str]:
     return lines
 
 
+def _named(spec: str) -> tuple[str, Path]:
+    """``NAME=DIR`` or ``DIR`` (named after the run the predictions came from, else the folder)."""
+    name, sep, d = spec.partition("=")
+    return (name, Path(d)) if sep else (Path(spec).name, Path(spec))
+
+
+def heldout_section(specs, out: Path) -> list[str]:
+    """Held-out Dice/HD95 of one or more ``trifuse evaluate`` folders, side by side."""
+    evals = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        name, d = _named(spec)
+        summary_p = d / "summary.json"
+        if not summary_p.exists():
+            raise StageError(f"{summary_p}: no evaluation summary (run trifuse evaluate first)")
+        evals.append((name, d, json.loads(summary_p.read_text())))
+    lines = ["## Held-out evaluation (BraTS conventions)", ""]
+    regions = list(evals[0][2].get("regions", {}))
+    def cells(s, r):
+        block = s.get("overall", {}) if r == "mean" else s.get("regions", {}).get(r, {})
+        d, h = block.get("dice", {}), block.get("hd95", {})
+        return f"{_fmt(d.get('mean'), 4)} ± {_fmt(d.get('std'), 4)}", f"{_fmt(h.get('mean'), 2)} ± {_fmt(h.get('std'), 2)}"
+    if len(evals) == 1:
+        lines += ["| region | Dice mean ± std | HD95 mm mean ± std |", "|---|---|---|"]
+        for r in regions + ["mean"]:
+            lines.append(f"| {r} | {' | '.join(cells(evals[0][2], r))} |")
+    else:
+        names = [e[0] for e in evals]
+        lines += ["| region | " + " | ".join(f"{n} Dice" for n in names) + " | " + " | ".join(f"{n} HD95 mm" for n in names) + " |",
+                  "|---|" + "---|" * (2 * len(evals))]
+        for r in regions + ["mean"]:
+            c = [cells(e[2], r) for e in evals]
+            lines.append(f"| {r} | " + " | ".join(x[0] for x in c) + " | " + " | ".join(x[1] for x in c) + " |")
+    lines.append("")
+    for name, d, s in evals:
+        n = s.get("n_cases", s.get("cases"))
+        lines.append(f"- {name}: {'' if n is None else f'{n} cases, '}per-case table `{_rel(d / 'per_case.csv', out)}`")
+    lines.append("")
+    return lines
+
+
 def run(args) -> int:
     from trifuse.figures.compare import bar_chart, markdown_table, read_run
     from trifuse.io.nifti import atomic_write_text
@@ -98,16 +138,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# TriFuse report: {args.title}", "", f"_generated {time.strftime('%Y-%m-%d %H:%M:%S')}_", ""]
     if args.eval:
-        summary_p = Path(args.eval) / "summary.json"
-        if not summary_p.exists():
-            raise StageError(f"{summary_p}: no evaluation summary (run trifuse evaluate first)")
-        s = json.loads(summary_p.read_text())
-        lines += ["## Held-out evaluation (BraTS conventions)", ""]
-        lines += ["| region | Dice mean ± std | HD95 mm mean ± std |", "|---|---|---|"]
-        for r, block in list(s.get("regions", {}).items()) + [("mean", s.get("overall", {}))]:
-            d, h = block.get("dice", {}), block.get("hd95", {})
-            lines.append(f"| {r} | {_fmt(d.get('mean'), 4)} ± {_fmt(d.get('std'), 4)} | {_fmt(h.get('mean'), 2)} ± {_fmt(h.get('std'), 2)} |")
-        lines += ["", f"per-case table: `{_rel(Path(args.eval) / 'per_case.csv', out)}`", ""]
+        lines += heldout_section(args.eval, out)
     if getattr(args, "fullsize", None):
         lines += fullsize_section(args.fullsize, out)
     groups = [("Teachers (validation)", args.teachers or []), ("Student and ablations (validation)", args.runs or [])]
@@ -142,7 +173,8 @@ def register(sub) -> None:
     s = sub.add_parser("report", help="markdown report with the tables and figures of a pipeline run")
     s.add_argument("--out", default="reports/demo", help="report folder (report.md goes there)")
     s.add_argument("--title", default="demo on the synthetic cohort")
-    s.add_argument("--eval", default=None, help="trifuse evaluate output folder (summary.json, per_case.csv)")
+    s.add_argument("--eval", nargs="+", default=None, metavar="[NAME=]DIR",
+                   help="trifuse evaluate output folder(s) (summary.json, per_case.csv); several, as NAME=DIR, are shown side by side")
     s.add_argument("--fullsize", default=None, help="trifuse evaluate output folder of the full-size (1 mm) case (make demo-fullsize): its section")
     s.add_argument("--teachers", nargs="*", help="teacher run folders")
     s.add_argument("--runs", nargs="*", help="student / ablation run folders")
