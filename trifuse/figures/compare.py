@@ -10,6 +10,8 @@ from trifuse import keys
 from trifuse.figures.common import plt, save_figure
 
 METRICS = [f"dice_{r}" for r in keys.REGIONS] + ["dice_mean"] + [f"hd95_{r}" for r in keys.REGIONS] + ["hd95_mean"]
+#: validation Dice after the post-processing decided on the same cases (teachers and student log it)
+POST = "post_dice_mean"
 
 
 def _from_summary(path: Path) -> dict[str, float]:
@@ -34,7 +36,7 @@ def _from_csv(path: Path) -> dict[str, float]:
         for row in csv.DictReader(fh):
             vals = {k.removeprefix("val/"): row[k] for k in row if k.startswith("val/") and row[k] not in ("", None)}
             if any(k in vals for k in METRICS):
-                last = {k: float(v) for k, v in vals.items() if k in METRICS}
+                last = {k: float(v) for k, v in vals.items() if k in METRICS or k == POST}
     return last
 
 
@@ -60,10 +62,14 @@ def read_run(run_dir: str | Path) -> dict[str, float]:
 
 def markdown_table(runs: dict[str, dict[str, float]]) -> str:
     head = "| run | " + " | ".join(f"Dice {r}" for r in keys.REGIONS) + " | Dice mean | " + " | ".join(f"HD95 {r}" for r in keys.REGIONS) + " | HD95 mean |"
-    sep = "|---" * (2 + 2 * (len(keys.REGIONS) + 1) - 1) + "|"
+    cols = list(METRICS)
+    if any(POST in m for m in runs.values()):  # Dice with and without the post-processing
+        head += " Dice mean post-processed |"
+        cols.append(POST)
+    sep = "|---" * (1 + len(cols)) + "|"
     rows = []
     for name, m in runs.items():
-        cells = [f"{m[k]:.4f}" if k.startswith("dice") and k in m else (f"{m[k]:.2f}" if k in m else "–") for k in METRICS]
+        cells = [f"{m[k]:.4f}" if "dice" in k and k in m else (f"{m[k]:.2f}" if k in m else "–") for k in cols]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([head, sep] + rows)
 
