@@ -89,6 +89,8 @@ demo-mri: setup
 # synthetic cohort configs/overlays/smoke.yaml makes it a CPU smoke run (small net, 2 short epochs).
 _MULTI := $(or $(filter-out 1,$(DEVICES)),$(filter-out 1,$(NODES)))
 _SYNTH := $(filter synthetic,$(DATA))
+# the overlay on top of configs/teacher_<m>.yaml (CPU smoke settings on the synthetic cohort)
+TEACHER_OVERLAY ?= $(if $(_SYNTH),configs/overlays/smoke.yaml)
 TEACHER_CONFIGS = -c $(TRAINER) $(if $(_MULTI),-c configs/trainer/ddp.yaml) -c configs/data/$(DATA).yaml
 TEACHER_OVERRIDES = --trainer.devices=$(DEVICES) --trainer.num_nodes=$(NODES) \
 	$(if $(filter command line environment,$(origin STRATEGY)),--trainer.strategy=$(STRATEGY)) \
@@ -100,7 +102,7 @@ define teacher_fit
 	@if [ -f runs/teachers/$(1)/DATA ] && [ "$$(cat runs/teachers/$(1)/DATA)" != "$(DATA)" ]; then \
 		echo "make teacher-$(1): error: runs/teachers/$(1) holds a run on $$(cat runs/teachers/$(1)/DATA); move it away to train on $(DATA)" >&2; exit 1; fi
 	@echo "$(DATA)" > runs/teachers/$(1)/DATA
-	$(TRIFUSE) fit $(TEACHER_CONFIGS) -c configs/teacher_$(1).yaml $(if $(_SYNTH),-c configs/overlays/smoke.yaml) \
+	$(TRIFUSE) fit $(TEACHER_CONFIGS) -c configs/teacher_$(1).yaml $(if $(TEACHER_OVERLAY),-c $(TEACHER_OVERLAY)) \
 		$(TEACHER_OVERRIDES) --ckpt_path=last $(ARGS)
 endef
 
@@ -130,7 +132,8 @@ clean-data:
 ABLATIONS ?= mri_only no_pixel response_only no_semantic no_film full
 CLIP_EPOCHS ?=
 STUDENT_CONFIGS = $(TEACHER_CONFIGS) -c configs/student.yaml
-STUDENT_SMOKE = $(if $(_SYNTH),-c configs/overlays/student_smoke.yaml)
+STUDENT_OVERLAY ?= $(if $(_SYNTH),configs/overlays/student_smoke.yaml)
+STUDENT_SMOKE = $(if $(STUDENT_OVERLAY),-c $(STUDENT_OVERLAY))
 STUDENT_OVERRIDES = $(TEACHER_OVERRIDES) --model.init_args.clip_ckpt=runs/clip/$(DATA)/clip.pt
 
 .PHONY: semantic student ablations report
@@ -151,34 +154,51 @@ ablations: setup
 	$(TRIFUSE) compare $(addprefix runs/student/,$(ABLATIONS)) --out reports/ablations
 
 # --- the main job: the whole three-tier pipeline on the built-in synthetic cohort, on CPU -------
-# synth → preprocess → fit-ct → teachers → describe (offline) → clip → semantic → student and
-# ablations → predict (held-out cohort) → evaluate → figures (held-out truth vs prediction, the student's
-# TC/ET attention beside its priors, cohort, physics, semantic) → report (its path is printed).
+# synth → preprocess → fit-ct → teachers (MRI, US, CT) → describe (offline) → clip → semantic →
+# student and its MRI-only baseline (same steps, patches and data) → predict (held-out cohort)
+# → evaluate → a full-size 1 mm case → figures (held-out truth vs prediction, the student's TC/ET
+# attention beside its priors, cohort, physics, semantic) → report (its path is printed).
 # Every stage skips work already done, so a second `make demo` only redoes what changed.
-DEMO_ABLATIONS ?= $(ABLATIONS)
+# About 30 min on 2 cores: the time goes to training (configs/overlays/teacher_demo.yaml and
+# student_demo.yaml: the full recipe at CPU-fast settings, cached distillation); the other
+# ablations are `make ablations DATA=synthetic` (or DEMO_ABLATIONS="...").
+DEMO_ABLATIONS ?= mri_only full
 DEMO_CLIP_EPOCHS ?= 12
 DEMO_TEST_N ?= 4
-# longer than the smoke overlays (which only prove that a stage runs), still ~20 min on 2 cores
-DEMO_TRAIN_ARGS ?= --trainer.max_epochs=6 --trainer.check_val_every_n_epoch=3 \
-	--data.init_args.samples_per_epoch=16 --data.init_args.limit_val_cases=4
+# training length in epochs of 50 steps (batch 2); one validation at the end of each run
+DEMO_EPOCHS_MRI ?= 8
+DEMO_EPOCHS_PIXEL ?= 4
+DEMO_EPOCHS_STUDENT ?= 12
+# prediction of the held-out and full-size cases: without test-time mirroring, to stay within
+# ~30 min (trifuse predict mirrors by default; bench/bench_predict_tta.py measures what it costs)
+DEMO_PREDICT_ARGS ?= --no-tta
+_demo_epochs = --trainer.max_epochs=$(1) --trainer.check_val_every_n_epoch=$(1)
 demo: export WANDB_MODE ?= offline
 demo: setup
 	$(TRIFUSE) synth --out data/synthetic --n $(N) --seed $(SEED) --size small
 	$(TRIFUSE) synth --out data/synthetic-test --n $(DEMO_TEST_N) --seed $$(( $(SEED) + 1000 )) --size small
 	$(TRIFUSE) preprocess --data data/synthetic
 	$(TRIFUSE) physics fit-ct --data data/synthetic
-	$(MAKE) --no-print-directory teachers DATA=synthetic ARGS="$(DEMO_TRAIN_ARGS) $(ARGS)"
+	$(MAKE) --no-print-directory teacher-mri DATA=synthetic TEACHER_OVERLAY=configs/overlays/teacher_demo.yaml \
+		ARGS="$(call _demo_epochs,$(DEMO_EPOCHS_MRI)) $(ARGS)"
+	$(MAKE) --no-print-directory teacher-us teacher-ct DATA=synthetic TEACHER_OVERLAY=configs/overlays/teacher_demo.yaml \
+		ARGS="$(call _demo_epochs,$(DEMO_EPOCHS_PIXEL)) $(ARGS)"
 	$(MAKE) --no-print-directory semantic DATA=synthetic CLIP_EPOCHS=$(DEMO_CLIP_EPOCHS)
-	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)" ARGS="$(DEMO_TRAIN_ARGS) $(ARGS)"
-	$(TRIFUSE) predict --ckpt runs/student/full/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred
+	$(MAKE) --no-print-directory ablations DATA=synthetic ABLATIONS="$(DEMO_ABLATIONS)" STUDENT_OVERLAY=configs/overlays/student_demo.yaml \
+		ARGS="$(call _demo_epochs,$(DEMO_EPOCHS_STUDENT)) $(ARGS)"
+	$(TRIFUSE) predict --ckpt runs/student/full/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred $(DEMO_PREDICT_ARGS)
 	$(TRIFUSE) evaluate --pred runs/demo/pred --data data/synthetic-test --out reports/demo/eval
+	$(TRIFUSE) predict --ckpt runs/student/mri_only/checkpoints/best.ckpt --input data/synthetic-test --output runs/demo/pred-mri_only $(DEMO_PREDICT_ARGS)
+	$(TRIFUSE) evaluate --pred runs/demo/pred-mri_only --data data/synthetic-test --out reports/demo/eval-mri_only
+	$(MAKE) --no-print-directory demo-fullsize FULLSIZE_ARGS="$(DEMO_PREDICT_ARGS)"
 	$(TRIFUSE) figures cases --data data/synthetic-test --pred runs/demo/pred --out reports/demo/cases.png
 	$(TRIFUSE) figures attention --ckpt runs/student/full/checkpoints/best.ckpt --data data/synthetic-test \
 		--cases $(DEMO_TEST_N) --out reports/demo/attention.png
 	$(TRIFUSE) figures cohort --data data/synthetic --out reports/demo/cohort.png
 	$(TRIFUSE) figures physics --data data/synthetic --out reports/demo/physics.png
 	$(TRIFUSE) figures semantic --data data/synthetic --out reports/demo/semantic.png
-	$(TRIFUSE) report --out reports/demo --eval reports/demo/eval \
+	$(TRIFUSE) report --out reports/demo --eval student=reports/demo/eval mri_only=reports/demo/eval-mri_only \
+		--fullsize $(FULLSIZE_EVAL) \
 		--teachers runs/teachers/mri runs/teachers/us runs/teachers/ct \
 		--runs $(addprefix runs/student/,$(DEMO_ABLATIONS)) \
 		--figures reports/demo/cases.png reports/demo/attention.png reports/demo/cohort.png reports/demo/physics.png \
@@ -198,5 +218,5 @@ FULLSIZE_EVAL ?= reports/demo/eval-full
 demo-fullsize: export WANDB_MODE ?= offline
 demo-fullsize: setup
 	$(TRIFUSE) synth --out $(FULLSIZE_DATA) --n 1 --seed $(FULLSIZE_SEED) --size full
-	$(TRIFUSE) predict --ckpt $(FULLSIZE_CKPT) --input $(FULLSIZE_DATA) --output $(FULLSIZE_PRED)
+	$(TRIFUSE) predict --ckpt $(FULLSIZE_CKPT) --input $(FULLSIZE_DATA) --output $(FULLSIZE_PRED) $(FULLSIZE_ARGS)
 	$(TRIFUSE) evaluate --pred $(FULLSIZE_PRED) --data $(FULLSIZE_DATA) --out $(FULLSIZE_EVAL)
