@@ -421,7 +421,17 @@ def main(argv=None) -> int:
                     help="which teacher our recipe trains (us/ct: their pixel tier on the fly; MONAI's recipe is MRI only)")
     ap.add_argument("--pixel", choices=["case", "patch"], default="case",
                     help="us/ct: the current pixel tier (case) or the one before issue 11 (patch: per-patch US, 1-channel CT)")
+    ap.add_argument("--tables-from", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="print the table and ratios of earlier runs' results.json files together (recipes run as "
+                         "separate processes side by side on the same --data cohort, e.g. one core each) and exit")
     args = ap.parse_args(argv)
+    if args.tables_from:
+        rows = []
+        for f in args.tables_from:
+            d = json.loads(Path(f).read_text())
+            rows += d["rows"] if isinstance(d, dict) else d
+        print(table(rows) + "\n\n" + ratios(rows))
+        return 0
     if args.modality != keys.MRI and "monai" in args.recipes.split(","):
         ap.error("--recipes monai trains on MRI only: use --recipes ours with --modality us/ct")
     torch.set_num_threads(args.threads)
