@@ -47,11 +47,12 @@ def _confident_teachers(batch, max_logit=30.0):
     return teachers
 
 
-def _student():
+def _student(backbone="segresnet"):
     torch.manual_seed(0)
+    ds = {"backbone": backbone, "batch_dice": True} if backbone == "segresnet_ds" else {}
     model = StudentModule(
         init_filters=8, teacher_channels=8 * TEACHER_FILTERS, fusion_width=16, fusion_heads=2, fusion_window=2,
-        warmup_steps=0, roi_size=(P, P, P), compute_hd95=False,
+        warmup_steps=0, roi_size=(P, P, P), compute_hd95=False, **ds,
     )
     # FiLM's and the gates' last layers start at zero (identity / constant gate), which zeroes
     # the gradient of the layers before them on the first step; give them the small weights
@@ -76,13 +77,14 @@ def _step(model, batch, dtype):
     return loss.detach(), grads
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["segresnet", "segresnet_ds"])
+def setup(request):
+    """The default student, and the deep-supervised one (every level in L_seg) of the demo."""
     batch = _batch()
     teachers = _confident_teachers(batch)
     peak = max(float(t.net(t.net_input(batch)).abs().max()) for t in teachers.values())
     assert 29.0 < peak < 31.0
-    model = _student()
+    model = _student(request.param)
     model.distiller = AsyncTeacherDistillation.from_modules(teachers, asynchronous=False)
     return model, batch
 
