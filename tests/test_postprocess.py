@@ -66,9 +66,30 @@ def test_search_picks_et_threshold_that_helps_and_nothing_when_nothing_helps():
     d = s.decide()
     assert d["et_min_mm3"] > 20.0 and d["et_min_mm3"] <= 512.0  # clears the FP, keeps the real ET
     assert d["val_dice"]["ET"]["none"] < 0.34 and d["val_dice"]["ET"]["post"] == 1.0
-    # perfect predictions: nothing to gain, so nothing is switched on
-    s2 = PostprocessingSearch()
+    # perfect predictions, nnU-Net's rule (no tie-break): nothing to gain, so nothing is switched on
+    s2 = PostprocessingSearch(et_tie_margin=None)
     s2.update(big, big, SP)
     d2 = s2.decide()
     assert d2["et_min_mm3"] == 0.0 and all(v == 0.0 for v in d2["min_component_mm3"].values())
     assert torch.equal(apply_postprocessing(big, d2, SP), big)
+
+
+def test_tie_break_takes_the_largest_harmless_et_threshold_below_the_smallest_real_et():
+    # validation: one case with a real 512 mm³ ET, predicted perfectly; no ET-free case, so no
+    # threshold helps. The tie-break takes the largest candidate ≤ 0.5 × 512 mm³ (200 mm³)
+    big = _case(0)
+    s = PostprocessingSearch()
+    s.update(big, big, SP)
+    d = s.decide()
+    assert d["et_min_mm3"] == 200.0 and d.get("et_tie_break") is True
+    assert all(v == 0.0 for v in d["min_component_mm3"].values())  # component filters keep nnU-Net's rule
+    assert d["val_dice"]["ET"]["post"] == d["val_dice"]["ET"]["none"] == 1.0  # harmless on validation
+    assert torch.equal(apply_postprocessing(big, d, SP), big)  # the real ET stays
+    # an unseen ET-free case with a 20-voxel false-positive ET: it becomes NCR (TC keeps it)
+    fp = _case(20, with_big=False)
+    out = apply_postprocessing(fp, d, SP)
+    assert not out[2].any() and torch.equal(out[1], fp[1])
+    # a threshold that would cut a real validation ET is never taken: smallest real ET 20 mm³
+    s3 = PostprocessingSearch()
+    s3.update(fp, fp, SP)
+    assert s3.decide()["et_min_mm3"] == 0.0

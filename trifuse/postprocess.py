@@ -118,6 +118,15 @@ class PostprocessingSearch:
         et_candidates_mm3: minimum total ET volumes tried for ET → NCR.
         min_gain: a candidate replaces "do nothing" only when it raises the validation mean
             Dice of its region by more than this.
+        et_tie_margin: when no ET → NCR threshold *helps* on validation (no validation case
+            without ET had a false-positive ET), take the largest candidate that costs nothing
+            there and is at most ``et_tie_margin`` × the smallest reference ET volume among the
+            validation cases; ``None`` keeps nnU-Net's rule (a tie means "do nothing").
+            Why we deviate from ``determine_postprocessing`` here: BraTS scores a single
+            false-positive ET voxel in an ET-free case Dice 0 (HD95 373 mm), while clearing an ET
+            volume far below any real one seen costs nothing, and a small validation fold (the
+            demo's 3 cases) often holds no ET-free case to show the gain. With a large fold the
+            bound is the smallest real ET, so the rule stays conservative.
 
     Per case, :meth:`update` stores the Dice of every candidate (each region's component
     filter on its own, and ET → NCR on top of the chosen ET filter is searched jointly at
@@ -129,10 +138,12 @@ class PostprocessingSearch:
         component_candidates_mm3: Sequence[float] = DEFAULT_COMPONENT_CANDIDATES_MM3,
         et_candidates_mm3: Sequence[float] = DEFAULT_ET_CANDIDATES_MM3,
         min_gain: float = 1e-4,
+        et_tie_margin: Optional[float] = 0.5,
     ):
         self.component_candidates = [float(c) for c in component_candidates_mm3]
         self.et_candidates = [float(c) for c in et_candidates_mm3]
         self.min_gain = float(min_gain)
+        self.et_tie_margin = None if et_tie_margin is None else float(et_tie_margin)
         self.reset()
 
     def reset(self) -> None:
@@ -155,6 +166,7 @@ class PostprocessingSearch:
         vox = _voxel_mm3(spacing)
         ref_et = label[_ET]
         ref_empty = not bool(ref_et.any())
+        rec["ref_et_mm3"] = float(ref_et.sum()) * vox
         for m in et_filtered:
             vol = float(m.sum()) * vox
             d_keep = _dice(m, ref_et)
@@ -189,6 +201,15 @@ class PostprocessingSearch:
         ci, ti = np.unravel_index(int(np.argmax(et)), et.shape)
         if et[ci, ti] <= base + self.min_gain:
             ci, ti = 0, 0
+            known = all("ref_et_mm3" in c for c in cases)  # records gathered from older versions lack it
+            refs = [c["ref_et_mm3"] for c in cases if c.get("ref_et_mm3", 0.0) > 0]
+            if self.et_tie_margin is not None and known and refs:
+                # a tie: the largest threshold that is harmless on validation, bounded by the smallest real ET
+                bound = self.et_tie_margin * min(refs)
+                harmless = [j for j, t in enumerate(self.et_candidates) if 0 < t <= bound and et[0, j] >= base - self.min_gain]
+                if harmless:
+                    ti = max(harmless, key=lambda j: self.et_candidates[j])
+                    decision["et_tie_break"] = True
         decision["min_component_mm3"]["ET"] = self.component_candidates[int(ci)]
         decision["et_min_mm3"] = self.et_candidates[int(ti)]
         decision["val_dice"]["ET"] = {"none": base, "post": float(et[ci, ti])}
