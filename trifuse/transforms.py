@@ -21,9 +21,14 @@ class SampleTransform:
     Subclasses used on batches (``(B, C, D, H, W)`` tensors, ``meta`` a list) set
     ``supports_batch = True``; the DataModules apply those on the device in
     ``on_after_batch_transfer`` when configured to.
+
+    ``provides`` names the sample keys a transform writes. A DataModule whose
+    ``needed_keys`` is set (the LightningModule sets it in ``setup``) skips the
+    transforms that provide only keys nobody reads; ``()`` means "unknown: always run".
     """
 
     supports_batch = False
+    provides: tuple[str, ...] = ()
 
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:  # pragma: no cover
         raise NotImplementedError

@@ -279,6 +279,14 @@ class AsyncTeacherDistillation(L.Callback):
             out += [k for k in getattr(t, "inputs", (keys.MRI,)) if k not in out]
         return out
 
+    @property
+    def sample_keys(self) -> list[str]:
+        """Sample keys the training batches must carry for the targets: the teachers' inputs
+        online; none in cached mode (targets are cut from the cache by each patch's geometry)."""
+        if not self.enabled:
+            return []
+        return [] if self.mode == "cached" else self.input_keys
+
     def _load_stable(self, path: Path, device: torch.device) -> Optional[tuple[L.LightningModule, tuple[str, int, int]]]:
         """Load a teacher if its file did not change while it was read; None otherwise."""
         before = file_stamp(path)
@@ -479,7 +487,7 @@ class AsyncTeacherDistillation(L.Callback):
         rank0 = trainer is None or trainer.global_rank == 0
         written = 0
         if rank0:
-            ds = CaseDataset(datamodule.resolved_cache_dir, datamodule.train_ids, datamodule._worker_transforms())
+            ds = CaseDataset(datamodule.resolved_cache_dir, datamodule.train_ids, datamodule._worker_transforms(every=True))
             dtype = resolve_teacher_dtype(self.precision, str(getattr(trainer, "precision", "32-true")), device)
             for m, cache in self.caches.items():
                 n = cache.build(self.teachers[m].to(device), (ds[i] for i in range(len(ds))), device, dtype)
@@ -502,6 +510,12 @@ class AsyncTeacherDistillation(L.Callback):
                 self.stats["cached"] += 1
                 return out
             self.stats["fallback"] += 1
+            missing = [k for k in self.input_keys if k not in batch]
+            if missing:
+                raise RuntimeError(
+                    f"cached teacher targets cannot be cut for this batch (a sample without a recorded patch_box) and "
+                    f"the batch lacks the teachers' inputs {missing}: the data module skipped their transforms "
+                    f"(needed_keys); train with distill mode online, or sample patches with PatchDataset")
         inputs = self._inputs_of(batch)
         t0 = time.perf_counter()
         entry = self._take(inputs)

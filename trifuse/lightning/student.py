@@ -119,7 +119,7 @@ class StudentModule(ValidationPostprocessing, L.LightningModule):
         scheduler: str = "onecycle",
         pct_start: float = 0.2,
         roi_size: Sequence[int] = (128, 128, 128),
-        sw_batch_size: int = 1,
+        sw_batch_size: int = 2,
         overlap: float = 0.5,
         compute_hd95: bool = True,
         clip_ckpt: Optional[str] = None,
@@ -282,6 +282,14 @@ class StudentModule(ValidationPostprocessing, L.LightningModule):
 
     # --- prediction from MRI only ------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # the sample keys this module reads: the data module skips the transforms of the others
+        # (Lightning runs callbacks' setup first, so the distiller is attached by now)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "needed_keys"):
+            need = {keys.PRIOR, keys.TEXT} if self.uses_priors else set()
+            if self.distiller is not None:
+                need |= set(self.distiller.sample_keys)
+            dm.needed_keys = need
         # provenance of the training priors (CLIP export, PriorConfig, describer), checked and
         # kept for the checkpoint: the DataModule has bound LoadPriors' folder by now
         if stage == "fit" and self.uses_priors and self.hparams.clip_ckpt:

@@ -211,6 +211,7 @@ class SimulateUltrasound(SampleTransform):
     """
 
     supports_batch = True  # also takes (B, C, D, H, W) batches: can run on the device
+    provides = (keys.US,)
 
     def __init__(
         self,
@@ -387,6 +388,7 @@ class SynthesizeCT(SampleTransform):
     """
 
     supports_batch = True  # also takes (B, C, D, H, W) batches: can run on the device
+    provides = (keys.CT,)
 
     def __init__(
         self,

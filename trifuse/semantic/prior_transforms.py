@@ -123,6 +123,8 @@ class LoadPriors(SampleTransform):
             and the folder).
     """
 
+    provides = (keys.PRIOR, keys.TEXT)
+
     def __init__(self, priors_dir: str | Path = "auto", factor: int = 4, size: Sequence[int] | None = None,
                  load_text: bool = True, max_cached: int = 64):
         self.auto = str(priors_dir) == "auto"
