@@ -40,7 +40,7 @@ class SegmentationModule(TeacherModule):
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         roi_size: Sequence[int] = (128, 128, 128),
-        sw_batch_size: int = 1,
+        sw_batch_size: int = 2,
         overlap: float = 0.5,
         compute_hd95: bool = True,
     ):

@@ -264,7 +264,7 @@ class TeacherModule(ValidationPostprocessing, L.LightningModule):
         scheduler: Optional[LRSchedulerCallable] = OneCycleCosine,
         metrics: Optional[Metric] = None,
         roi_size: Sequence[int] = (128, 128, 128),
-        sw_batch_size: int = 1,
+        sw_batch_size: int = 2,
         overlap: float = 0.5,
         threshold: float = 0.5,
         scheduler_interval: Optional[str] = None,
