@@ -163,12 +163,12 @@ ablations: setup
 # student_demo.yaml: the full recipe at CPU-fast settings, cached distillation); the other
 # ablations are `make ablations DATA=synthetic` (or DEMO_ABLATIONS="...").
 DEMO_ABLATIONS ?= mri_only full
-DEMO_CLIP_EPOCHS ?= 12
+DEMO_CLIP_EPOCHS ?= 8
 DEMO_TEST_N ?= 8
 # training length in epochs of 50 steps (batch 2); one validation at the end of each run
-DEMO_EPOCHS_MRI ?= 8
-DEMO_EPOCHS_PIXEL ?= 3
-DEMO_EPOCHS_STUDENT ?= 12
+DEMO_EPOCHS_MRI ?= 7
+DEMO_EPOCHS_PIXEL ?= 2
+DEMO_EPOCHS_STUDENT ?= 10
 # prediction of the held-out and full-size cases: without test-time mirroring, to stay within
 # ~30 min (trifuse predict mirrors by default; bench/bench_predict_tta.py measures what it costs)
 DEMO_PREDICT_ARGS ?= --no-tta

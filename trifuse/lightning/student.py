@@ -82,7 +82,8 @@ class StudentModule(ValidationPostprocessing, L.LightningModule):
             fusion block, FiLM and gates start from fresh weights, so the student needs the
             warm-up as much as the teachers did. ``scheduler="cosine"`` keeps a per-epoch
             cosine without warm-up, ``"none"`` a constant rate.
-        roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size).
+        roi_size, sw_batch_size, overlap: sliding-window inference (roi linked to the patch size; windows in
+            pairs by default, as :class:`~trifuse.lightning.teacher.TeacherModule`).
         postprocessing: decide the BraTS post-processing (:mod:`trifuse.postprocess`) on the
             validation cases at each validation epoch, as the teachers do; the decision and the
             training spacing go into the checkpoint, and ``trifuse predict`` applies them.

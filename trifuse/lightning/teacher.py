@@ -235,7 +235,8 @@ class TeacherModule(ValidationPostprocessing, L.LightningModule):
         metrics: validation metric; default :class:`~trifuse.metrics.BratsRegionMetrics`
             (Dice and HD95 in mm, BraTS empty-mask conventions).
         roi_size: sliding-window ROI ``(D, H, W)`` in voxels (linked to the data patch size).
-        sw_batch_size: windows per forward pass in sliding-window inference.
+        sw_batch_size: windows per forward pass in sliding-window inference (2: on CPU, torch's fp32
+            ``Conv3d`` runs a batch of one window on one core, :class:`~trifuse.lightning.target_cache.TeacherTargetCache`).
         overlap: sliding-window overlap fraction (Gaussian blending).
         threshold: sigmoid probability above which a voxel belongs to a region.
         scheduler_interval: ``"step"`` or ``"epoch"``; default chosen by :func:`build_scheduler`.
