@@ -159,7 +159,7 @@ ablations: setup
 # → evaluate → a full-size 1 mm case → figures (held-out truth vs prediction, the student's TC/ET
 # attention beside its priors, cohort, physics, semantic) → report (its path is printed).
 # Every stage skips work already done, so a second `make demo` only redoes what changed.
-# About 33 min on 2 cores (32 min measured after a 1 min venv setup): the time goes to training (configs/overlays/teacher_demo.yaml and
+# About 26 min on 2 cores (25:57 measured on a fresh clone, venv included): the time goes to training (configs/overlays/teacher_demo.yaml and
 # student_demo.yaml: the full recipe at CPU-fast settings, cached distillation); the other
 # ablations are `make ablations DATA=synthetic` (or DEMO_ABLATIONS="...").
 DEMO_ABLATIONS ?= mri_only full
