@@ -8,7 +8,7 @@ checkpoint records a training spacing (``--model-spacing``, default 2 mm like th
 window (Gaussian blending), and resamples the probabilities back to 1 mm. Timed, alternating
 runs after a warm-up (load drifts hit every row alike), best and median of ``--repeats``:
 
-* ``monai sw``: ``monai.inferers.sliding_window_inference`` with a plain
+* ``monai sw``: ``monai.inferers.sliding_window_inference`` (windows batched as the teacher's ``sw_batch_size``) with a plain
   ``monai.networks.nets.SegResNet`` holding the same weights, same ROI, overlap and blending,
   on the same resampled array: the network cost alone, the anchor;
 * ``predict, no TTA``: ``Predictor.predict_case`` (crop, z-score, resample, window, resample
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     def monai_sw():
         with torch.inference_mode():
-            return torch.sigmoid(sliding_window_inference(x, roi, sw_batch_size=1, predictor=plain, overlap=args.overlap, mode="gaussian")) > 0.5
+            return torch.sigmoid(sliding_window_inference(x, roi, sw_batch_size=teacher.sw_batch_size, predictor=plain, overlap=args.overlap, mode="gaussian")) > 0.5
 
     runners = {"monai sw": monai_sw, "predict, no TTA": lambda: fast.predict_case(case), "predict, TTA": lambda: tta.predict_case(case)}
     import logging
